@@ -1,0 +1,143 @@
+"""The adapter contract: one class per diffusers pipeline family, exposing the denoiser as a function.
+
+An adapter wraps one *real* diffusers pipeline object (loaded with ``from_pretrained``) and never copies its
+``__call__``. It exposes exactly what the step kernels and trainers need:
+
+* ``encode(prompts, negative=None) -> Cond``: text embeddings (and unconditional ones for CFG).
+* ``init_noise(batch, generator) -> Tensor``: the initial latent ``x_T`` (video latents included).
+* ``sigmas(num_steps) -> Tensor``: ``num_steps + 1`` noise levels, the pipeline's own (shifted) schedule, ending
+  at the terminal level. Epsilon models use ``sigma = sqrt(1 - alpha_bar)`` (see ``flowalign.sde``).
+* ``predict(x, sigma, cond, guidance) -> Tensor``: velocity (flow) or epsilon (DDPM); CFG is applied here. The
+  only call into the denoiser.
+* ``decode(x) -> Tensor``: images float in [0, 1], ``B,C,H,W`` (video ``B,T,C,H,W``).
+* ``trainable_module()``: the transformer/UNet that LoRA wraps.
+
+Parity rule: sampling through the adapter with the ODE kernel (DDIM eta=0 for epsilon models) and the same seed
+reproduces the diffusers pipeline's own output (max abs diff <= 1e-4 in fp32).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flowalign.registry import Registry
+
+ADAPTERS: Registry[type["Adapter"]] = Registry("adapter")
+
+
+@dataclass
+class Cond:
+    """Text conditioning for ``Adapter.predict``.
+
+    ``kwargs`` holds the denoiser's conditioning keyword tensors (batch-first), e.g. ``encoder_hidden_states``
+    and ``pooled_projections``; ``uncond`` the same for the negative prompt when CFG is possible.
+    """
+
+    kwargs: dict[str, Tensor]
+    uncond: dict[str, Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.kwargs.values())).shape[0]
+
+    def _map(self, fn) -> "Cond":
+        def m(d):
+            return None if d is None else {k: fn(v) if torch.is_tensor(v) else v for k, v in d.items()}
+
+        return Cond(m(self.kwargs), m(self.uncond), dict(self.extra))
+
+    def index(self, idx) -> "Cond":
+        """Rows ``idx`` (slice, list or LongTensor) of every tensor."""
+        return self._map(lambda t: t[idx])
+
+    def repeat_interleave(self, n: int) -> "Cond":
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def to(self, device=None, dtype=None) -> "Cond":
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+
+    @staticmethod
+    def cat(conds: Sequence["Cond"]) -> "Cond":
+        first = conds[0]
+        kw = {k: torch.cat([c.kwargs[k] for c in conds]) for k in first.kwargs}
+        un = None
+        if first.uncond is not None:
+            un = {k: torch.cat([c.uncond[k] for c in conds]) for k in first.uncond}
+        return Cond(kw, un, dict(first.extra))
+
+
+class Adapter(ABC):
+    """Base class of all pipeline adapters (see module docstring)."""
+
+    #: "flow" (velocity prediction) or "epsilon" (noise prediction)
+    prediction_type: ClassVar[str] = "flow"
+    #: default step kernel for this family
+    default_kernel: ClassVar[str] = "flow_sde"
+    #: peft LoRA target modules and rank/alpha defaults (flow_grpo: SD3/Wan r32/a64, FLUX r64/a128)
+    lora_target_modules: ClassVar[list[str]] = []
+    lora_rank: ClassVar[int] = 32
+    lora_alpha: ClassVar[int] = 64
+    #: the diffusers pipeline class this adapter wraps
+    pipeline_class: ClassVar[type | None] = None
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, torch_dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", **kwargs) -> "Adapter":
+        """Load the wrapped diffusers pipeline exactly as users do and wrap it."""
+        if cls.pipeline_class is None:
+            raise NotImplementedError(f"{cls.__name__} has no pipeline_class")
+        pipe = cls.pipeline_class.from_pretrained(path_or_repo_id, torch_dtype=torch_dtype, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe.to(device))
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.trainable_module().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.trainable_module().dtype
+
+    # -- the contract -----------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, prompts: Sequence[str], negative: Sequence[str] | str | None = None) -> Cond: ...
+
+    @abstractmethod
+    def init_noise(self, batch: int, generator: torch.Generator | None = None) -> Tensor: ...
+
+    @abstractmethod
+    def sigmas(self, num_steps: int) -> Tensor: ...
+
+    @abstractmethod
+    def predict(self, x: Tensor, sigma: Tensor | float, cond: Cond, guidance: float = 1.0) -> Tensor: ...
+
+    @abstractmethod
+    def decode(self, x: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def trainable_module(self) -> nn.Module: ...
+
+    # -- shared helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def cfg_combine(out_uncond: Tensor, out_cond: Tensor, guidance: float) -> Tensor:
+        """Classifier-free guidance: ``u + w (c - u)`` (Ho & Salimans 2022)."""
+        return out_uncond + guidance * (out_cond - out_uncond)
+
+    @staticmethod
+    def check_prompts(prompts) -> list[str]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        return prompts
