@@ -1,0 +1,184 @@
+"""Batched rollouts with per-step log-probabilities.
+
+``sample`` draws ``group_size`` trajectories for each prompt (prompt-major order: prompt 0's group, then
+prompt 1's, ...), all prompts in one batch (micro-batched by ``batch_size`` for the denoiser), and returns a flat
+``Trajectory``. Every random draw comes from the given ``torch.Generator``; per-step noise is drawn for the whole
+batch at once, so the result does not depend on ``batch_size``.
+
+``recompute_log_probs`` re-evaluates stored transitions under the current weights: with unchanged weights it
+returns the stored log-probs exactly (ratio == 1), for any micro-batch split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from flowalign import sde
+from flowalign.schedules import StepPlan, make_plan
+
+try:
+    from flowalign.pipelines.base import Adapter, Cond
+except ImportError:  # pragma: no cover - only when the package is not installed
+    from pipelines.base import Adapter, Cond
+
+
+@dataclass
+class Trajectory:
+    """A flat batch of ``B`` sampled chains of ``N`` transitions.
+
+    ``latents[:, i]`` is the state before transition ``i`` and ``latents[:, i + 1]`` after it, so
+    ``latents`` has ``N + 1`` entries per sample (the first is the initial noise).
+    """
+
+    latents: Tensor  # [B, N+1, *latent]
+    log_probs: Tensor  # [B, N] fp32, 0 at ODE steps
+    sigmas: Tensor  # [N+1]
+    sde_mask: Tensor  # bool [N]
+    train_mask: Tensor  # bool [N]
+    prompt_idx: Tensor  # long [B], index into `prompts`
+    prompts: list[str]  # the unique prompts of this round
+    cond: Cond | None = None  # per-sample conditioning [B, ...]
+    images: Tensor | None = None  # [B, C, H, W] (video [B, T, C, H, W]) in [0, 1]
+    kernel: str = "flow_sde"
+    noise_level: float = 0.7
+    guidance: float = 1.0
+    reduction: str = "mean"
+    density: str = "gaussian"
+    nfe: int = 0
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    @property
+    def sample_prompts(self) -> list[str]:
+        return [self.prompts[int(i)] for i in self.prompt_idx]
+
+    def kernel_at(self, i: int, prediction_type: str = "flow") -> tuple[str, float]:
+        """The (kernel, noise_level) used for transition ``i``."""
+        if bool(self.sde_mask[i]):
+            return self.kernel, self.noise_level
+        return ("ode", 0.0) if prediction_type == "flow" else ("ddim", 0.0)
+
+    def index(self, idx) -> "Trajectory":
+        """Rows ``idx`` of every per-sample field."""
+        idx = torch.as_tensor(idx, dtype=torch.long) if not isinstance(idx, slice) else idx
+        per_sample = {"latents", "log_probs", "prompt_idx", "images"}
+        kw = {f.name: getattr(self, f.name)[idx] for f in fields(self)
+              if f.name in per_sample and getattr(self, f.name) is not None}
+        if self.cond is not None:
+            kw["cond"] = self.cond.index(idx)
+        return replace(self, **kw)
+
+
+def _deterministic_kernel(adapter: Adapter) -> tuple[str, float]:
+    return ("ode", 0.0) if adapter.prediction_type == "flow" else ("ddim", 0.0)
+
+
+def _chunks(n: int, batch_size: int | None):
+    bs = batch_size or n
+    return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
+
+
+@torch.no_grad()
+def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_steps: int = 10,
+           kernel: str = "flow_sde", noise_level: float = 0.7, plan: StepPlan | None = None,
+           guidance: float = 1.0, generator: torch.Generator | None = None, same_noise: bool = False,
+           batch_size: int | None = None, negative_prompt: str = "", reduction: str = "mean",
+           density: str = "gaussian", decode: bool = True, cond: Cond | None = None) -> Trajectory:
+    """Sample ``group_size`` chains per prompt and record every transition's log-prob.
+
+    ``plan`` (default: every step SDE, first 99% trained) says which steps use ``kernel``; others use the
+    deterministic kernel (Euler ODE for flow models, DDIM eta=0 for epsilon models). ``same_noise`` shares the
+    initial noise within a group (DanceGRPO/BranchGRPO); otherwise every sample draws its own.
+    ``cond`` may carry pre-computed per-prompt conditioning (one row per prompt).
+    """
+    prompts = Adapter.check_prompts(prompts)
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    sde.validate(kernel, noise_level, reduction, density)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+    plan = plan or make_plan("all", num_steps)
+    if plan.num_steps != num_steps:
+        raise ValueError(f"plan has {plan.num_steps} steps but num_steps={num_steps}")
+
+    P, G = len(prompts), group_size
+    B = P * G
+    prompt_cond = cond if cond is not None else adapter.encode(prompts, negative=[negative_prompt] * P
+                                                               if guidance != 1.0 else None)
+    if prompt_cond.batch_size != P:
+        raise ValueError(f"cond has batch {prompt_cond.batch_size} but there are {P} prompts")
+    cond_b = prompt_cond.repeat_interleave(G)
+    sigmas = adapter.sigmas(num_steps).float().cpu()
+
+    if same_noise:
+        x = adapter.init_noise(P, generator).repeat_interleave(G, dim=0)
+    else:
+        x = adapter.init_noise(B, generator)
+    latents = torch.empty((B, num_steps + 1, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    latents[:, 0] = x
+    log_probs = torch.zeros(B, num_steps, dtype=torch.float32, device=x.device)
+    det_kernel, det_level = _deterministic_kernel(adapter)
+    chunks = _chunks(B, batch_size)
+    nfe = 0
+    for i in range(num_steps):
+        stochastic = bool(plan.sde[i])
+        k, a = (kernel, noise_level) if stochastic else (det_kernel, det_level)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32) if stochastic else None
+        nxt = torch.empty_like(x)
+        for sl in chunks:
+            out = adapter.predict(x[sl], sigmas[i], cond_b.index(sl), guidance)
+            nfe += 1
+            st = sde.step(k, x[sl], out, sigmas[i], sigmas[i + 1], a,
+                          noise=noise[sl] if noise is not None else torch.zeros_like(x[sl], dtype=torch.float32),
+                          reduction=reduction, density=density)
+            nxt[sl] = st.x_next
+            if stochastic:
+                log_probs[sl, i] = st.log_prob
+        x = nxt
+        latents[:, i + 1] = x
+
+    images = None
+    if decode:
+        images = torch.cat([adapter.decode(x[sl]) for sl in chunks])
+    return Trajectory(
+        latents=latents, log_probs=log_probs, sigmas=sigmas, sde_mask=plan.sde.clone(),
+        train_mask=plan.train & plan.sde, prompt_idx=torch.arange(P).repeat_interleave(G), prompts=prompts,
+        cond=cond_b, images=images, kernel=kernel, noise_level=float(noise_level), guidance=float(guidance),
+        reduction=reduction, density=density, nfe=nfe,
+        extras={"branch_steps": list(plan.branch_steps)},
+    )
+
+
+def step_log_prob(adapter: Adapter, traj: Trajectory, i: int, rows=None, guidance: float | None = None) -> sde.StepOut:
+    """Log-prob of stored transition ``i`` for ``rows`` under the adapter's current weights (with grad)."""
+    rows = slice(None) if rows is None else rows
+    sub = traj if rows == slice(None) else traj.index(rows)
+    k, a = traj.kernel_at(i, adapter.prediction_type)
+    x, x_next = sub.latents[:, i], sub.latents[:, i + 1]
+    out = adapter.predict(x, traj.sigmas[i], sub.cond, traj.guidance if guidance is None else guidance)
+    return sde.log_prob_of(k, x, x_next, out, traj.sigmas[i], traj.sigmas[i + 1], a,
+                           reduction=traj.reduction, density=traj.density)
+
+
+@torch.no_grad()
+def recompute_log_probs(adapter: Adapter, traj: Trajectory, batch_size: int | None = None) -> Tensor:
+    """Log-probs ``[B, N]`` of every stored SDE transition under the current weights (0 at ODE steps)."""
+    out = torch.zeros_like(traj.log_probs)
+    for i in range(traj.num_steps):
+        if not bool(traj.sde_mask[i]):
+            continue
+        for sl in _chunks(len(traj), batch_size):
+            out[sl, i] = step_log_prob(adapter, traj, i, rows=torch.arange(len(traj))[sl]).log_prob
+    return out
