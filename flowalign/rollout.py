@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from flowalign import sde
+from flowalign import sde, solvers
+from flowalign.registry import check_choice
 from flowalign.schedules import StepPlan, make_plan
 
 try:
@@ -93,13 +94,17 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
            kernel: str = "flow_sde", noise_level: float = 0.7, plan: StepPlan | None = None,
            guidance: float = 1.0, generator: torch.Generator | None = None, same_noise: bool = False,
            batch_size: int | None = None, negative_prompt: str = "", reduction: str = "mean",
-           density: str = "gaussian", decode: bool = True, cond: Cond | None = None) -> Trajectory:
+           density: str = "gaussian", decode: bool = True, cond: Cond | None = None, ode_solver: str = "euler",
+           post_compress: float = 1.0) -> Trajectory:
     """Sample ``group_size`` chains per prompt and record every transition's log-prob.
 
     ``plan`` (default: every step SDE, first 99% trained) says which steps use ``kernel``; others use the
     deterministic kernel (Euler ODE for flow models, DDIM eta=0 for epsilon models). ``same_noise`` shares the
     initial noise within a group (DanceGRPO/BranchGRPO); otherwise every sample draws its own.
     ``cond`` may carry pre-computed per-prompt conditioning (one row per prompt).
+    ``ode_solver="dpm2"`` / ``post_compress < 1`` (MixGRPO-Flash, ``flowalign.solvers``): the deterministic steps
+    after the last SDE step use DPM-Solver++(2M) on a coarser subset of the grid; the trajectory then has fewer
+    steps (its ``sigmas`` and masks say which), with every step up to the end of the window unchanged.
     """
     prompts = Adapter.check_prompts(prompts)
     if not isinstance(group_size, int) or group_size < 1:
@@ -121,6 +126,15 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
         raise ValueError(f"cond has batch {prompt_cond.batch_size} but there are {P} prompts")
     cond_b = prompt_cond.repeat_interleave(G)
     sigmas = adapter.sigmas(num_steps).float().cpu()
+    sde_mask, train_mask = plan.sde.clone(), plan.train & plan.sde
+    check_choice("ode_solver", ode_solver, solvers.SOLVERS)
+    last_sde = int(plan.sde.nonzero().max()) if plan.sde.any() else -1
+    if ode_solver != "euler" or post_compress != 1.0:
+        if adapter.prediction_type != "flow":
+            raise ValueError(f"ode_solver={ode_solver!r} / post_compress need a flow model")
+        sigmas = solvers.compress_tail(sigmas, last_sde, post_compress)
+        sde_mask, train_mask = sde_mask[: len(sigmas) - 1], train_mask[: len(sigmas) - 1]
+        num_steps = len(sigmas) - 1
 
     if same_noise:
         x = adapter.init_noise(P, generator).repeat_interleave(G, dim=0)
@@ -132,14 +146,22 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
     det_kernel, det_level = _deterministic_kernel(adapter)
     chunks = _chunks(B, batch_size)
     nfe = 0
+    prev_x0 = torch.empty(x.shape, dtype=torch.float32, device=x.device) if ode_solver == "dpm2" else None
     for i in range(num_steps):
-        stochastic = bool(plan.sde[i])
+        stochastic = bool(sde_mask[i])
         k, a = (kernel, noise_level) if stochastic else (det_kernel, det_level)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32) if stochastic else None
         nxt = torch.empty_like(x)
         for sl in chunks:
             out = adapter.predict(x[sl], sigmas[i], cond_b.index(sl), guidance)
             nfe += 1
+            if prev_x0 is not None and i > last_sde:  # MixGRPO-Flash: multistep ODE after the window
+                nxt[sl], x0 = solvers.dpm2_step(x[sl], out, sigmas[i], sigmas[i + 1],
+                                                prev_x0[sl] if i > 0 else None, sigmas[i - 1] if i > 0 else None)
+                prev_x0[sl] = x0
+                continue
+            if prev_x0 is not None:
+                prev_x0[sl] = x[sl].float() - float(sigmas[i]) * out.float()
             st = sde.step(k, x[sl], out, sigmas[i], sigmas[i + 1], a,
                           noise=noise[sl] if noise is not None else torch.zeros_like(x[sl], dtype=torch.float32),
                           reduction=reduction, density=density)
@@ -153,8 +175,8 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
     if decode:
         images = torch.cat([adapter.decode(x[sl]) for sl in chunks])
     return Trajectory(
-        latents=latents, log_probs=log_probs, sigmas=sigmas, sde_mask=plan.sde.clone(),
-        train_mask=plan.train & plan.sde, prompt_idx=torch.arange(P).repeat_interleave(G), prompts=prompts,
+        latents=latents, log_probs=log_probs, sigmas=sigmas, sde_mask=sde_mask,
+        train_mask=train_mask, prompt_idx=torch.arange(P).repeat_interleave(G), prompts=prompts,
         cond=cond_b, images=images, kernel=kernel, noise_level=float(noise_level), guidance=float(guidance),
         reduction=reduction, density=density, nfe=nfe,
         extras={"branch_steps": list(plan.branch_steps)},
@@ -182,3 +204,5 @@ def recompute_log_probs(adapter: Adapter, traj: Trajectory, batch_size: int | No
         for sl in _chunks(len(traj), batch_size):
             out[sl, i] = step_log_prob(adapter, traj, i, rows=torch.arange(len(traj))[sl]).log_prob
     return out
+
+from flowalign.tree import RolloutTree, sample_tree  # noqa: E402,F401  (BranchGRPO trees; tree.py imports no rollout)

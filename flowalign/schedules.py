@@ -13,6 +13,10 @@ Steps outside ``sde`` use the deterministic ODE kernel (log-prob 0); ``train`` i
 * ``sliding`` -- MixGRPO (arXiv 2507.21802): a window of ``size`` steps that advances by ``stride`` every
   ``shift_interval`` iterations, rolling back to 0 past ``max_start`` (= num_steps - 2 by default, as MixGRPO).
 * ``branch`` -- tree rollouts: all steps SDE and trained; ``branch_steps`` lists the split steps.
+* ``subsample`` -- DanceGRPO (arXiv 2505.07818) timestep subsampling: every step SDE; train a random
+  ``int(n * fraction)`` of the ``n`` candidate steps (all but the last with ``exclude_last``, as DanceGRPO's
+  ``[:, :-1]``), drawn once per round from the run's generator. DanceGRPO draws a permutation per sample; one draw per
+  round trains every step with the same probability and lets the trainer batch rows by step.
 """
 
 from __future__ import annotations
@@ -106,6 +110,19 @@ def branch_points(num_steps: int, branch_steps: Sequence[int] = (0, 3, 6, 9), **
         raise ValueError(f"branch_steps {steps} must lie in [0, num_steps={num_steps})")
     ones = torch.ones(num_steps, dtype=torch.bool)
     return StepPlan(sde=ones, train=ones.clone(), branch_steps=steps)
+
+
+@SCHEDULES.register("subsample")
+def subsample(num_steps: int, fraction: float = 0.6, exclude_last: bool = True,
+              generator: torch.Generator | None = None, **_) -> StepPlan:
+    _check_steps(num_steps)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    n = num_steps - 1 if exclude_last and num_steps > 1 else num_steps
+    pick = torch.randperm(n, generator=generator)[: max(1, int(n * fraction))]
+    train = torch.zeros(num_steps, dtype=torch.bool)
+    train[pick] = True
+    return StepPlan(sde=torch.ones(num_steps, dtype=torch.bool), train=train)
 
 
 def make_plan(name: str, num_steps: int, generator: torch.Generator | None = None, iteration: int = 0,

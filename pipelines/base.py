@@ -18,9 +18,11 @@ reproduces the diffusers pipeline's own output (max abs diff <= 1e-4 in fp32).
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +30,13 @@ from torch import Tensor, nn
 from flowalign.registry import Registry
 
 ADAPTERS: Registry[type["Adapter"]] = Registry("adapter")
+
+try:  # diffusers that renamed from_pretrained(torch_dtype=) to dtype= (the old name warns)
+    from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
+
+    _DTYPE_KW = "dtype"
+except ImportError:  # pragma: no cover - older diffusers
+    _DTYPE_KW = "torch_dtype"
 
 
 @dataclass
@@ -92,12 +101,18 @@ class Adapter(ABC):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, torch_dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", **kwargs) -> "Adapter":
-        """Load the wrapped diffusers pipeline exactly as users do and wrap it."""
+        """Load the wrapped diffusers pipeline exactly as users do and wrap it.
+
+        Keyword arguments named in the adapter's ``__init__`` (e.g. ``height``, ``max_sequence_length``) configure
+        the adapter; the rest go to the pipeline's ``from_pretrained``.
+        """
         if cls.pipeline_class is None:
             raise NotImplementedError(f"{cls.__name__} has no pipeline_class")
-        pipe = cls.pipeline_class.from_pretrained(path_or_repo_id, torch_dtype=torch_dtype, **kwargs)
+        own = set(inspect.signature(cls.__init__).parameters) - {"self", "pipe"}
+        adapter_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
+        pipe = cls.pipeline_class.from_pretrained(path_or_repo_id, **{_DTYPE_KW: torch_dtype}, **kwargs)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe.to(device))
+        return cls(pipe.to(device), **adapter_kw)
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -132,6 +147,43 @@ class Adapter(ABC):
     def cfg_combine(out_uncond: Tensor, out_cond: Tensor, guidance: float) -> Tensor:
         """Classifier-free guidance: ``u + w (c - u)`` (Ho & Salimans 2022)."""
         return out_uncond + guidance * (out_cond - out_uncond)
+
+    @staticmethod
+    def expand_sigma(sigma: Tensor | float, batch: int, device=None) -> Tensor:
+        """A scalar or ``[batch]`` sigma as an fp32 ``[batch]`` tensor (ValueError for any other shape)."""
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        if s.ndim == 0:
+            return s.expand(batch)
+        if s.shape != (batch,):
+            raise ValueError(f"sigma must be a scalar or have shape [batch]=[{batch}], got {tuple(s.shape)}")
+        return s
+
+    #: size of the prompt-encoding LRU (the trainer re-encodes the same prompts often)
+    encode_cache_size: ClassVar[int] = 64
+
+    def cached_encode(self, prompts: Sequence[str], negative: Sequence[str] | str | None,
+                      fn: Callable[[tuple[str, ...], tuple[str, ...] | None], Cond]) -> Cond:
+        """``fn(prompts, negative)`` memoised in a small LRU keyed by the prompt tuples (text encoders are frozen;
+        call ``clear_encode_cache()`` after changing them)."""
+        prompts = tuple(self.check_prompts(prompts))
+        if negative is not None:
+            negative = (negative,) * len(prompts) if isinstance(negative, str) else tuple(negative)
+            if len(negative) != len(prompts) or not all(isinstance(n, str) for n in negative):
+                raise ValueError(f"negative must be a string or a list of {len(prompts)} strings (one per prompt), "
+                                 f"got {len(negative)} items")
+        cache: OrderedDict = self.__dict__.setdefault("_encode_cache", OrderedDict())
+        key = (prompts, negative)
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        cond = cache[key] = fn(prompts, negative)
+        while len(cache) > self.encode_cache_size:
+            cache.popitem(last=False)
+        return cond
+
+    def clear_encode_cache(self) -> None:
+        """Forget cached prompt encodings (after training or swapping a text encoder)."""
+        self.__dict__.pop("_encode_cache", None)
 
     @staticmethod
     def check_prompts(prompts) -> list[str]:

@@ -1,0 +1,545 @@
+"""Typed run configuration: dataclass sections with a help string per field, YAML recipes, dotted overrides.
+
+>>> cfg = load_config("recipes/sd35_pickscore.yaml", ["train.lr=1e-4", "sample.group_size=8"])
+
+* Every field carries ``metadata["help"]`` (TRL ``GRPOConfig`` style); ``describe()`` prints them all.
+* Override values are parsed with ``yaml.safe_load`` (``1e-4`` -> float, ``[a, b]`` -> list, ``null`` -> None).
+* Unknown keys fail at load with the full key path and a ``difflib`` close match; wrong types fail with the key
+  path and the expected type; cross-field rules (batch geometry, windows, CFG/policy consistency, registered
+  names) are checked by ``Config.validate`` at load time, and the method adds its own rules
+  (``Method.check_config``). Rules that need the world size are checked when the trainer starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:  # noqa: A002
+    """A dataclass field with a help string."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the key path."""
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass
+class LoraSection:
+    enabled: bool = _f(True, "Train LoRA adapters (true) or fine-tune every weight of the denoiser (false).")
+    rank: int | None = _f(None, "LoRA rank r; null = the adapter's default (SD3/Wan 32, FLUX 64; flow_grpo).")
+    alpha: float | None = _f(None, "LoRA alpha; null = the adapter's default (2 * rank in flow_grpo).")
+    target_modules: list[str] | None = _f(None, "Module names LoRA wraps; null = the adapter's default targets.")
+    init: str = _f("gaussian", "peft init_lora_weights ('gaussian' as flow_grpo, 'default', 'pissa', ...).")
+    dropout: float = _f(0.0, "LoRA dropout probability.")
+    path: str | None = _f(None, "Start from these LoRA weights (a flowalign checkpoint dir or .safetensors file).")
+
+
+@dataclass
+class ModelSection:
+    adapter: str = _f("sd3", "Adapter name registered in flowalign.pipelines ADAPTERS: sd3, flux, wan, sd15, shapes.")
+    path: str = _f("", "Pipeline path or hub id passed to the adapter's from_pretrained (local dirs only offline).")
+    dtype: Literal["float32", "float16", "bfloat16"] = _f(
+        "float32", "dtype of the frozen pipeline weights; trainable parameters are always kept in float32.")
+    lora: LoraSection = _f(factory=LoraSection, help="LoRA settings.")
+    gradient_checkpointing: bool = _f(False, "Enable activation checkpointing on the denoiser (memory for time).")
+    kwargs: dict[str, Any] = _f(factory=dict, help="Extra keyword arguments for the adapter's from_pretrained.")
+
+
+@dataclass
+class SampleSection:
+    prompts: list[str] | str = _f(factory=list, help=(
+        "Training prompts: a list, or a path to a .txt (one per line) or .jsonl file "
+        "({'prompt': ..., other keys become reward metadata})."))
+    prompts_per_round: int = _f(8, "Distinct prompts (groups) per iteration, over all processes (flow_grpo: 48).")
+    group_size: int = _f(8, "Samples per prompt G (flow_grpo num_image_per_prompt: 24 for SD3.5).")
+    num_steps: int = _f(10, "Denoising steps of a training rollout (flow_grpo: 10 for SD3.5, 6 for FLUX).")
+    kernel: str = _f("flow_sde", "Step kernel in flowalign.sde KERNELS: flow_sde, cps, dance, ddim, ode.")
+    noise_level: float = _f(0.7, "Kernel noise level a (flow_sde 0.7 SD3.5 / 0.9 FLUX; cps 0.8; dance eta 0.3).")
+    guidance: float = _f(4.5, "CFG scale while sampling (and training when train.train_cfg); 1.0 = no CFG.")
+    negative_prompt: str = _f("", "Negative prompt for CFG (flow_grpo: the empty string).")
+    schedule: str = _f("all", "Step schedule in flowalign.schedules: all, fraction, window (Fast), sliding (Mix).")
+    schedule_options: dict[str, Any] = _f(factory=lambda: {"fraction": 0.99}, help=(
+        "Options of the schedule, e.g. {fraction: 0.99} or {size: 3, lo: 0, hi: 5} for window."))
+    same_noise: bool = _f(False, "Share the initial noise x_T within a group (DanceGRPO); needs batch_size % G == 0.")
+    batch_size: int = _f(8, "Rows per sampling chunk on one process (the denoiser batch while sampling).")
+    reduction: Literal["mean", "sum"] = _f("mean", "Log-prob reduction over latent dims (mean = flow_grpo).")
+    density: Literal["gaussian", "unnormalized"] = _f("gaussian", "Log-prob form; 'unnormalized' = flow_grpo CPS.")
+    shuffle_prompts: bool = _f(True, "Visit prompts in a seeded random order per epoch (false: file order).")
+
+
+@dataclass
+class RewardSection:
+    weights: dict[str, float] = _f(factory=dict, help=(
+        "Reward name (REWARDS registry, 'module:attr' or 'remote:URL') -> weight; the total is the weighted sum."))
+    kwargs: dict[str, dict[str, Any]] = _f(factory=dict, help="Reward name -> constructor keyword arguments.")
+    device: str | None = _f(None, "Device of the reward models; null = the training device.")
+    background: bool = _f(True, "Score each sampled chunk in a background thread while the next chunk samples.")
+
+
+@dataclass
+class AdvantageSection:
+    estimator: str | None = _f(None, (
+        "ADVANTAGES registry name (grpo, batch_std, no_std, rloo, median, gdpo, reinforce_pp or 'module:fn'); "
+        "null = derived from std/baseline/per_reward."))
+    std: Literal["group", "global", "none"] = _f("group", (
+        "Scale: per-group std, std of the whole round (flow_grpo global_std, SD3.5 configs) or none (Dr.GRPO)."))
+    baseline: Literal["mean", "median", "loo"] = _f("mean", "Group baseline: mean, median (MC-GRPO), loo (RLOO).")
+    per_reward: bool = _f(False, "Normalise each reward in its group, then weight and re-normalise (GDPO).")
+    eps: float = _f(1e-4, "Added to the std (flow_grpo 1e-4).")
+    drop_zero_std: bool = _f(True, "Skip groups whose rewards are all equal (zero advantage); logged as zero_std.")
+    kwargs: dict[str, Any] = _f(factory=dict, help="Extra keyword arguments for an explicitly named estimator.")
+
+
+@dataclass
+class TrainSection:
+    method: str = _f("flow_grpo", "Method in flowalign.methods METHODS.")
+    lr: float = _f(3e-4, "AdamW learning rate (flow_grpo base 3e-4).")
+    betas: list[float] = _f(factory=lambda: [0.9, 0.999], help="AdamW betas.")
+    weight_decay: float = _f(1e-4, "AdamW weight decay (flow_grpo 1e-4).")
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    adam_8bit: bool = _f(False, "Use bitsandbytes AdamW8bit (needs the bitsandbytes package).")
+    lr_scheduler: str = _f("constant", "diffusers.optimization scheduler: constant, constant_with_warmup, cosine...")
+    warmup_steps: int = _f(0, "Scheduler warm-up in optimizer steps.")
+    max_grad_norm: float | None = _f(1.0, "Clip the global grad norm to this; null = no clipping.")
+    updates_per_iteration: int = _f(2, "Optimizer steps per inner epoch (flow_grpo: 2 per epoch).")
+    num_inner_epochs: int = _f(1, "Passes over one iteration's samples (flow_grpo num_inner_epochs 1).")
+    batch_size: int | None = _f(None, "Rows per training micro-batch; null = sample.batch_size (ratio == 1 safest).")
+    shuffle: bool = _f(True, "Shuffle samples before splitting them into updates (seeded; flow_grpo does).")
+    clip_range: float = _f(1e-4, "PPO clip epsilon (flow_grpo 1e-4; tiny because log-probs are dim-means).")
+    clip_range_lt: float | None = _f(None, "Lower clip (ratio >= 1 - lt); null = clip_range.")
+    clip_range_gt: float | None = _f(None, "Upper clip (ratio <= 1 + gt); null = clip_range.")
+    adv_clip_max: float = _f(5.0, "Clip advantages to [-adv_clip_max, adv_clip_max] (flow_grpo 5).")
+    beta: float = _f(0.0, "KL-to-reference coefficient (flow_grpo 0.04 GenEval/OCR, 0.01 PickScore, 0 Fast/FLUX).")
+    kl: Literal["flow_grpo", "exact"] = _f("flow_grpo", (
+        "KL form: 'exact' = mean((mu-mu_ref)^2)/(2 std^2); 'flow_grpo' = that times |dt| (train_sd3.py)."))
+    train_cfg: bool = _f(True, "Train the CFG-combined policy (flow_grpo train.cfg); false = CFG-free policy.")
+    advantage: AdvantageSection = _f(factory=AdvantageSection, help="Advantage estimation.")
+    method_options: dict[str, Any] = _f(factory=dict, help="Method-specific options, validated by the method.")
+
+
+@dataclass
+class EMASection:
+    enabled: bool = _f(True, "Keep an EMA of the trainable weights, used for eval and saved (flow_grpo: on).")
+    decay: float = _f(0.9, "Max EMA decay; effective min((1+n)/(10+n), decay) as flow_grpo.")
+    interval: int = _f(8, "Apply the EMA every N optimizer steps (flow_grpo 8).")
+
+
+@dataclass
+class EvalSection:
+    every: int = _f(0, "Evaluate every N iterations (0 = never); also after the last iteration when > 0.")
+    prompts: list[str] | str = _f(factory=list, help="Held-out prompts (list or .txt/.jsonl path).")
+    num_steps: int = _f(40, "Sampling steps (flow_grpo: 40 for SD3.5).")
+    guidance: float | None = _f(None, "CFG scale; null = sample.guidance.")
+    kernel: str = _f("ode", "Kernel; 'ode' = deterministic Euler (the sampler users deploy).")
+    noise_level: float = _f(0.0, "Kernel noise level (0 for ode).")
+    batch_size: int = _f(8, "Rows per eval chunk.")
+    seed: int = _f(0, "Seed of the eval noise (fixed, so evals are comparable across iterations).")
+    use_ema: bool = _f(True, "Evaluate the EMA weights when EMA is enabled.")
+    fn: str = _f("flowalign.trainer:ode_eval", "Eval function 'module:attr' (the seam for flowalign.eval).")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = _f(0, "Save every N iterations (0 = only at the end).")
+    keep_last: int = _f(2, "Keep the N newest checkpoints (0 = keep all).")
+    dir: str | None = _f(None, "Checkpoint directory; null = <output_dir>/checkpoints.")
+    save_final: bool = _f(True, "Save when the run ends (max_iterations or max_minutes).")
+
+
+@dataclass
+class LogSection:
+    jsonl: str | None = _f(None, "Per-iteration JSONL metrics; null = <output_dir>/metrics.jsonl.")
+    trackers: list[str] = _f(factory=list, help="accelerate trackers: tensorboard, wandb, ... (optional packages).")
+    project: str = _f("flowalign", "Tracker project name.")
+    sample_images_every: int = _f(0, "Save a grid of the first sampled images every N iterations (0 = never).")
+    progress: bool = _f(True, "Show a tqdm bar on the main process.")
+
+
+@dataclass
+class Config:
+    model: ModelSection = _f(factory=ModelSection, help="The pipeline and what is trained.")
+    sample: SampleSection = _f(factory=SampleSection, help="Rollouts.")
+    reward: RewardSection = _f(factory=RewardSection, help="Rewards.")
+    train: TrainSection = _f(factory=TrainSection, help="Optimisation and the method's loss.")
+    ema: EMASection = _f(factory=EMASection, help="EMA of the trainable weights.")
+    eval: EvalSection = _f(factory=EvalSection, help="Periodic evaluation.")
+    checkpoint: CheckpointSection = _f(factory=CheckpointSection, help="Checkpoints.")
+    log: LogSection = _f(factory=LogSection, help="Logging.")
+    seed: int = _f(0, "Seed of every random draw of the run (prompts, noise, windows, LoRA init).")
+    output_dir: str = _f("outputs/run", "Run directory (config.yaml, metrics.jsonl, checkpoints, samples).")
+    max_iterations: int = _f(100, "Stop after this many iterations (rollout round + updates).")
+    max_minutes: float | None = _f(None, "Also stop (and save) after this many minutes of wall time.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate mixed precision (autocast).")
+    cpu: bool = _f(False, "Force CPU even when an accelerator is present.")
+    resume: str | None = _f(None, "'latest' or a checkpoint directory to continue from (bit-exact on CPU).")
+
+    # --------------------------------------------------------------------------------------- helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def global_batch(self) -> int:
+        return self.sample.prompts_per_round * self.sample.group_size
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.train.batch_size or self.sample.batch_size
+
+    def validate(self) -> "Config":
+        """Cross-field checks (see module docstring); returns self."""
+        _validate(self)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (coercing int -> float only) or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping (section {tp.__name__}), got {type(value).__name__} "
+                              f"{value!r}")
+        return _from_dict(tp, value, path)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for a in args:
+            try:
+                return _convert(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{path}={value!r} is not allowed.{hint} Allowed: {', '.join(map(str, args))}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{path}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected bool (true/false), got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # yaml 1.1 reads "1e-4" as a string; accept numeric strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return {_convert(k, args[0], f"{path} key"): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # pragma: no cover - schema bug
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kw = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {path!r}.{hint} Known keys here: {', '.join(names)}")
+        kw[key] = _convert(value, hints[key], path)
+    return cls(**kw)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(d, "train.lr", 1e-4)``: create intermediate mappings as needed."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"bad override key {dotted!r}: expected section.key=value")
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {'.'.join(parts[: i + 1])!r} is {nxt!r}, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """``["train.lr=1e-4", "sample.prompts=[a, b]"]`` -> ``[("train.lr", 0.0001), ...]`` (values via yaml)."""
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+        if isinstance(value, str) and _FLOAT_RE.match(value):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(source: "str | os.PathLike | dict | None" = None, overrides: list[str] | None = None,
+                validate: bool = True) -> Config:
+    """Build a ``Config`` from a YAML path or a dict, apply ``key=value`` overrides, and validate it."""
+    if source is None:
+        data: dict = {}
+    elif isinstance(source, dict):
+        data = json.loads(json.dumps(source))  # deep copy of plain data
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
+    for key, value in parse_overrides(overrides):
+        set_dotted(data, key, value)
+    cfg = _from_dict(Config, data)
+    return cfg.validate() if validate else cfg
+
+
+def describe(cls: type = Config, prefix: str = "") -> str:
+    """Every key with its type, default and help string (``flowalign train --help-config``)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{path}:  # {f.metadata.get('help', '')}")
+            lines.append(describe(tp, path + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {path} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def load_prompts(spec: "list[str] | str", key: str = "sample.prompts") -> tuple[list[str], list[dict]]:
+    """Prompts and per-prompt metadata from a list or a .txt/.jsonl file (jsonl: 'prompt' + metadata keys)."""
+    if isinstance(spec, list):
+        return list(spec), [{} for _ in spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"{key}={spec!r}: file not found (give a list of prompts or a .txt/.jsonl path)")
+    if path.suffix == ".jsonl":
+        prompts, meta = [], []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "prompt" not in row:
+                raise ConfigError(f"{key}: line {i + 1} of {spec} has no 'prompt' field")
+            prompts.append(str(row.pop("prompt")))
+            meta.append(row)
+        return prompts, meta
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return prompts, [{} for _ in prompts]
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _positive(cfg: Config, *paths: str) -> None:
+    for p in paths:
+        v = _get(cfg, p)
+        if v is not None and not v > 0:
+            raise ConfigError(f"{p} must be > 0, got {v!r}")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _registered(registry, name: str, path: str) -> None:
+    try:
+        registry.get(name)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _validate(cfg: Config) -> None:
+    from flowalign import sde
+    from flowalign.advantages import ADVANTAGES, resolve_estimator
+    from flowalign.schedules import SCHEDULES, make_plan
+
+    s, t = cfg.sample, cfg.train
+    _positive(cfg, "sample.prompts_per_round", "sample.group_size", "sample.num_steps", "sample.batch_size",
+              "train.lr", "train.updates_per_iteration", "train.num_inner_epochs", "train.batch_size",
+              "train.clip_range", "train.clip_range_lt", "train.clip_range_gt", "train.adv_clip_max",
+              "train.max_grad_norm", "train.adam_eps", "max_iterations", "max_minutes", "eval.num_steps",
+              "eval.batch_size", "ema.interval")
+    for p in ("train.beta", "train.weight_decay", "train.warmup_steps", "sample.noise_level", "eval.noise_level",
+              "model.lora.dropout", "eval.every", "checkpoint.every", "checkpoint.keep_last",
+              "log.sample_images_every"):
+        if _get(cfg, p) < 0:
+            raise ConfigError(f"{p} must be >= 0, got {_get(cfg, p)!r}")
+    if not 0 <= cfg.ema.decay < 1:
+        raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    if cfg.model.lora.rank is not None and cfg.model.lora.rank < 1:
+        raise ConfigError(f"model.lora.rank must be >= 1, got {cfg.model.lora.rank}")
+    if not (isinstance(s.prompts, str) or s.prompts):
+        raise ConfigError("sample.prompts is empty: give a list of prompts or a .txt/.jsonl path")
+    if isinstance(s.prompts, str):
+        load_prompts(s.prompts, "sample.prompts")
+    if cfg.eval.every > 0:
+        if not (isinstance(cfg.eval.prompts, str) or cfg.eval.prompts):
+            raise ConfigError("eval.every > 0 needs eval.prompts (a list or a .txt/.jsonl path)")
+        if isinstance(cfg.eval.prompts, str):
+            load_prompts(cfg.eval.prompts, "eval.prompts")
+
+    # batch geometry: one round = prompts_per_round * group_size rows, cut into sampling chunks
+    if cfg.global_batch % s.batch_size:
+        raise ConfigError(
+            f"sample.prompts_per_round * sample.group_size = {s.prompts_per_round} * {s.group_size} = "
+            f"{cfg.global_batch} rows per round must be a multiple of sample.batch_size={s.batch_size}")
+    if s.same_noise and s.batch_size % s.group_size:
+        raise ConfigError(f"sample.same_noise needs sample.batch_size ({s.batch_size}) to be a multiple of "
+                          f"sample.group_size ({s.group_size}) so a group's shared x_T is drawn in one chunk")
+    if t.updates_per_iteration > cfg.global_batch:
+        raise ConfigError(f"train.updates_per_iteration={t.updates_per_iteration} exceeds the "
+                          f"{cfg.global_batch} rows sampled per round")
+
+    # kernel / schedule
+    for p, kind, level in (("sample.kernel", s.kernel, s.noise_level), ("eval.kernel", cfg.eval.kernel,
+                                                                        cfg.eval.noise_level)):
+        try:
+            sde.validate(kind, level, s.reduction, s.density)
+        except ValueError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    _registered(SCHEDULES, s.schedule, "sample.schedule")
+    try:
+        import torch
+
+        plan = make_plan(s.schedule, s.num_steps, generator=torch.Generator().manual_seed(0),
+                         **s.schedule_options)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"sample.schedule={s.schedule!r} with sample.schedule_options={s.schedule_options} "
+                          f"and sample.num_steps={s.num_steps}: {e}") from None
+    if not bool(plan.train.any()):
+        raise ConfigError(f"sample.schedule={s.schedule!r} trains no step with num_steps={s.num_steps}")
+
+    # the sampling policy must be the trained policy (else ratio != 1 at the first update)
+    if not t.train_cfg and s.guidance != 1.0:
+        raise ConfigError(f"train.train_cfg=false trains the CFG-free policy, so sampling must not use CFG: "
+                          f"set sample.guidance=1.0 (got {s.guidance})")
+    if t.clip_range_lt is not None and t.clip_range_lt >= 1:
+        raise ConfigError(f"train.clip_range_lt must be < 1 (ratio >= 1 - lt), got {t.clip_range_lt}")
+
+    # advantages
+    a = t.advantage
+    try:
+        name, _ = resolve_estimator(a.estimator, a.std, a.baseline, a.per_reward, a.eps, a.kwargs)
+    except ValueError as e:
+        raise ConfigError(f"train.advantage: {e}") from None
+    _registered(ADVANTAGES, name, "train.advantage.estimator")
+    if name == "gdpo" and len(cfg.reward.weights) < 2:
+        raise ConfigError("train.advantage.per_reward (GDPO) needs at least two rewards in reward.weights")
+
+    # rewards
+    if not cfg.reward.weights:
+        raise ConfigError("reward.weights is empty: name at least one reward, e.g. reward.weights={pickscore: 1.0}")
+    extra = set(cfg.reward.kwargs) - set(cfg.reward.weights)
+    if extra:
+        raise ConfigError(f"reward.kwargs names {sorted(extra)} that are not in reward.weights "
+                          f"({sorted(cfg.reward.weights)})")
+    _check_rewards(cfg)
+
+    _check_adapter(cfg.model.adapter)
+
+    # method (its own rules too)
+    from flowalign.methods import METHODS
+
+    _registered(METHODS, t.method, "train.method")
+    METHODS.get(t.method).check_config(cfg)
+
+
+def _check_adapter(name: str) -> None:
+    """``model.adapter`` must be registered (adapters register when ``flowalign.pipelines.<name>`` is imported)."""
+    import importlib
+
+    if ":" in name:
+        return
+    from flowalign.pipelines.base import ADAPTERS
+
+    if name not in ADAPTERS:
+        try:
+            importlib.import_module(f"flowalign.pipelines.{name}")
+        except ImportError as e:
+            if e.name != f"flowalign.pipelines.{name}":
+                raise
+    _registered(ADAPTERS, name, "model.adapter")
+
+
+def _check_rewards(cfg: Config) -> None:
+    try:
+        import flowalign.rewards  # noqa: F401  (registers the built-in rewards)
+        from flowalign.rewards.base import REWARDS
+    except ImportError:  # pragma: no cover
+        return
+    for name in cfg.reward.weights:
+        if name.startswith("remote:") or ":" in name:
+            continue
+        if not math.isfinite(cfg.reward.weights[name]):
+            raise ConfigError(f"reward.weights.{name} must be finite")
+        _registered(REWARDS, name, f"reward.weights.{name}")

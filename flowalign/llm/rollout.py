@@ -1,0 +1,343 @@
+"""Batched LLM rollouts (G completions per prompt) and token log-probs by teacher forcing.
+
+``generate`` samples ``G`` completions for each prompt, group-major (prompt 0's G rows, then prompt 1's, ...):
+
+* ``engine="cached"`` (default): our decode loop over the model's own forward with a KV cache. Each *unique*
+  prompt is prefilled once and its cache is repeated ``G`` times (prefix sharing); decoding stops as soon as
+  every row has finished. Sampling uses the given ``torch.Generator`` (reproducible, independent of global RNG).
+* ``engine="hf"``: ``model.generate`` (left padding, KV cache, ``stop_strings``), one row per completion as TRL
+  does; seeded from the generator through a forked global RNG.
+* ``engine="vllm"``: reserved for the optional vLLM extra; raises if vLLM is not installed.
+
+A completion ends at the first EOS (kept and counted in the mask, as TRL does) or at the end of the first stop
+string (kept); ``truncated`` marks rows that hit ``max_new_tokens`` without either.
+
+``token_logps`` computes log softmax(z / T)[token] of the completion tokens for concat(prompt, completion),
+only projecting the completion positions (``logits_to_keep``), micro-batched, optionally with the entropy.
+Position ids follow the attention mask (left padding), the same positions the decode loop used.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from transformers import StoppingCriteria
+
+from flowalign.registry import check_choice
+
+ENGINES = ("cached", "hf", "vllm")
+
+
+@dataclass
+class Rollout:
+    """``B = len(prompts) * G`` completions, group-major. Token tensors are on the model's device."""
+
+    prompt_ids: Tensor  # [B, P] left padded
+    prompt_mask: Tensor  # [B, P]
+    completion_ids: Tensor  # [B, C] right padded with pad id
+    completion_mask: Tensor  # [B, C] 1 up to and including EOS / stop string
+    truncated: Tensor  # bool [B]
+    completions: list[str]  # decoded text without special tokens
+    prompts: list[str]  # per row
+    group_size: int
+    sampler_logps: Tensor | None = None  # [B, C] log-probs at sampling time (cached engine)
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.completion_mask.sum(1)
+
+    def index(self, idx: Tensor) -> "Rollout":
+        """Rows ``idx`` (group structure is the caller's business)."""
+        il = idx.tolist()
+        return replace(
+            self, prompt_ids=self.prompt_ids[idx], prompt_mask=self.prompt_mask[idx],
+            completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
+            truncated=self.truncated[idx], completions=[self.completions[i] for i in il],
+            prompts=[self.prompts[i] for i in il],
+            sampler_logps=None if self.sampler_logps is None else self.sampler_logps[idx],
+        )
+
+
+def concat(rollouts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """Stack rollouts row-wise, re-padding prompts on the left and completions on the right."""
+    def pad(ts: list[Tensor], left: bool, value) -> Tensor:
+        n = max(t.shape[1] for t in ts)
+        out = []
+        for t in ts:
+            fill = t.new_full((t.shape[0], n - t.shape[1]), value)
+            out.append(torch.cat([fill, t] if left else [t, fill], 1))
+        return torch.cat(out)
+
+    rs = list(rollouts)
+    sl = None
+    if all(r.sampler_logps is not None for r in rs):
+        sl = pad([r.sampler_logps for r in rs], False, 0.0)
+    return Rollout(
+        prompt_ids=pad([r.prompt_ids for r in rs], True, pad_id),
+        prompt_mask=pad([r.prompt_mask for r in rs], True, 0),
+        completion_ids=pad([r.completion_ids for r in rs], False, pad_id),
+        completion_mask=pad([r.completion_mask for r in rs], False, 0),
+        truncated=torch.cat([r.truncated for r in rs]),
+        completions=[c for r in rs for c in r.completions], prompts=[p for r in rs for p in r.prompts],
+        group_size=rs[0].group_size, sampler_logps=sl,
+    )
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """Position ids for a left-padded mask: 0 at the first real token (pads get 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Top-k then nucleus (top-p) filtering, as the HF warpers (tokens outside get -inf)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_l, order = logits.sort(-1, descending=False)
+        cum = sorted_l.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - top_p)
+        remove[..., -1] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def _finish(tok, prompt_ids, prompt_mask, comp: Tensor, comp_mask: Tensor, finished: Tensor, prompts, G,
+            sampler_logps=None) -> Rollout:
+    texts = tok.batch_decode(comp.masked_fill(comp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, comp, comp_mask, ~finished, texts, prompts, G, sampler_logps)
+
+
+def _stop_hit(tok, comp: Tensor, lengths: Tensor, rows: Tensor, stop_strings: Sequence[str]) -> Tensor:
+    """Which of ``rows`` now end with one of ``stop_strings`` (decodes a short tail only)."""
+    hit = torch.zeros(len(rows), dtype=torch.bool)
+    tail = max(len(s) for s in stop_strings) + 2
+    for j, r in enumerate(rows.tolist()):
+        n = int(lengths[r])
+        text = tok.decode(comp[r, max(0, n - tail):n], skip_special_tokens=True)
+        hit[j] = any(text.endswith(s) for s in stop_strings)
+    return hit
+
+
+@torch.no_grad()
+def _generate_cached(model, tok, prompts, G, max_new_tokens, temperature, top_k, top_p, stop_strings, generator):
+    dev = next(model.parameters()).device
+    enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    logits = out.logits[:, -1].float()
+    if G > 1:  # prefix sharing: one prefill per unique prompt, its KV cache repeated for the G samples
+        cache.batch_repeat_interleave(G)
+        logits = logits.repeat_interleave(G, 0)
+        ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    B = ids.shape[0]
+    eos = tok.eos_token_id
+    comp = torch.full((B, max_new_tokens), tok.pad_token_id, dtype=torch.long, device=dev)
+    slp = torch.zeros(B, max_new_tokens, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(B, dtype=torch.long, device=dev)
+    pos = _positions(mask)[:, -1:]
+    att = mask
+    for t in range(max_new_tokens):
+        z = logits / temperature if temperature > 0 else logits
+        z = _filter_logits(z, top_k, top_p)
+        logp = z.log_softmax(-1)
+        if temperature > 0:
+            nxt = torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(dev)
+        else:
+            nxt = z.argmax(-1)
+        alive = ~finished
+        nxt = torch.where(alive, nxt, torch.full_like(nxt, tok.pad_token_id))
+        comp[:, t] = nxt
+        slp[:, t] = torch.where(alive, logp.gather(1, nxt[:, None]).squeeze(1), torch.zeros_like(slp[:, t]))
+        lengths += alive.long()
+        done_now = alive & (nxt == eos)
+        if stop_strings:
+            rows = (alive & ~done_now).nonzero().flatten()
+            if len(rows):
+                done_now[rows] |= _stop_hit(tok, comp, lengths, rows.cpu(), stop_strings).to(dev)
+        finished |= done_now
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        att = torch.cat([att, alive.long()[:, None]], 1)
+        pos = pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, past_key_values=cache,
+                    use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+    C = int(lengths.max()) if B else 0
+    comp, slp = comp[:, :C], slp[:, :C]
+    cmask = (torch.arange(C, device=dev)[None] < lengths[:, None]).long()
+    rows = [p for p in prompts for _ in range(G)]
+    return _finish(tok, ids, mask, comp, cmask, finished, rows, G, slp)
+
+
+class _StopOnStrings(StoppingCriteria):
+    """HF ``StoppingCriteria`` that ends a row once its completion ends with a stop string.
+
+    (``generate(stop_strings=...)`` relies on tokenizer vocab surgery that fails on some tokenizers, e.g. a
+    character-level one; decoding the short tail is simple and exact.)
+    """
+
+    def __init__(self, tok, stop_strings, prompt_len: int) -> None:
+        self.tok, self.stop, self.p = tok, list(stop_strings), prompt_len
+
+    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+        comp = input_ids[:, self.p:]
+        rows = torch.arange(comp.shape[0])
+        n = torch.full((comp.shape[0],), comp.shape[1])
+        return _stop_hit(self.tok, comp.cpu(), n, rows, self.stop).to(input_ids.device)
+
+
+def _generate_hf(model, tok, prompts, G, max_new_tokens, temperature, top_k, top_p, stop_strings, generator):
+    dev = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(G)]
+    enc = tok(rows, return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+    seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else None
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p)
+    else:
+        kw.update(do_sample=False)
+    if stop_strings:
+        from transformers import StoppingCriteriaList
+
+        kw.update(stopping_criteria=StoppingCriteriaList([_StopOnStrings(tok, stop_strings, ids.shape[1])]))
+    ctx = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
+    with ctx, torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    comp = out[:, ids.shape[1]:]
+    return _postprocess(tok, ids, mask, comp, rows, G, stop_strings)
+
+
+def _postprocess(tok, ids, mask, comp, rows, G, stop_strings=None) -> Rollout:
+    """Cut after the first EOS (kept) or stop string (kept); right-pad; mark truncation."""
+    B, C = comp.shape
+    is_eos = comp == tok.eos_token_id
+    has = is_eos.any(1)
+    first = torch.where(has, is_eos.int().argmax(1), torch.full((B,), C, device=comp.device))
+    ends = torch.where(has, first + 1, torch.full_like(first, C))
+    finished = has.clone()
+    if stop_strings:
+        for r in range(B):
+            if has[r]:
+                continue
+            for n in range(1, C + 1):
+                if _stop_hit(tok, comp, torch.tensor([n]).expand(B), torch.tensor([r]), stop_strings)[0]:
+                    ends[r], finished[r] = n, True
+                    break
+    cmask = (torch.arange(C, device=comp.device)[None] < ends[:, None]).long()
+    comp = comp.masked_fill(cmask == 0, tok.pad_token_id)
+    Cm = int(ends.max()) if B else 0
+    return _finish(tok, ids, mask, comp[:, :Cm], cmask[:, :Cm], finished, rows, G)
+
+
+def generate(model, tok, prompts: Sequence[str], group_size: int = 8, max_new_tokens: int = 16,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             stop_strings: Sequence[str] | None = None, generator: torch.Generator | None = None,
+             engine: str = "cached") -> Rollout:
+    """Sample ``group_size`` completions per prompt (group-major); see the module docstring."""
+    check_choice("engine", engine, ENGINES)
+    if group_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise ValueError("engine='vllm' needs the optional vllm package; use engine='cached' or 'hf'") from e
+        raise NotImplementedError("the vLLM engine is not implemented yet; use engine='cached' or 'hf'")
+    was_training = model.training
+    model.eval()
+    try:
+        fn = _generate_cached if engine == "cached" else _generate_hf
+        return fn(model, tok, list(prompts), group_size, max_new_tokens, temperature, top_k, top_p,
+                  list(stop_strings or []), generator)
+    finally:
+        model.train(was_training)
+
+
+def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                temperature: float = 1.0, micro_batch: int | None = None, entropy: bool = False,
+                ) -> tuple[Tensor, Tensor | None]:
+    """``log softmax(z_t / T)[o_t]`` for each completion token (``[B, C]``, fp32) and optionally the entropy.
+
+    Teacher forcing over concat(prompt, completion); only the ``C`` completion positions are projected through
+    the LM head (``logits_to_keep = C + 1``, last one dropped). Gradients flow when called under grad mode.
+    """
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    att = torch.cat([prompt_mask, completion_mask], 1)
+    C = completion_ids.shape[1]
+    T = temperature if temperature > 0 else 1.0
+    bs = micro_batch or ids.shape[0]
+    lps, ents = [], []
+    for s in range(0, ids.shape[0], bs):
+        i, a = ids[s:s + bs], att[s:s + bs]
+        logits = model(input_ids=i, attention_mask=a, position_ids=_positions(a), logits_to_keep=C + 1).logits
+        z = logits[:, :-1].float() / T
+        logp_all = z.log_softmax(-1)
+        lps.append(logp_all.gather(-1, i[:, -C:, None]).squeeze(-1))
+        if entropy:
+            ents.append(-(logp_all.exp() * logp_all).sum(-1))
+    return torch.cat(lps), (torch.cat(ents) if entropy else None)
+
+
+def _head_logps(logits: Tensor, targets: Tensor, T: float, entropy: bool) -> tuple[Tensor, Tensor | None]:
+    logp_all = (logits.float() / T).log_softmax(-1)
+    lp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    return lp, (-(logp_all.exp() * logp_all).sum(-1) if entropy else None)
+
+
+def token_logps_grouped(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                        completion_mask: Tensor, group_size: int, temperature: float = 1.0,
+                        micro_batch: int | None = None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``token_logps`` with prefix sharing: rows come in groups of ``group_size`` sharing one prompt.
+
+    Each prompt is run once (with a KV cache), the cache is repeated ``G`` times (``repeat_interleave``, so
+    gradients from all G completions flow back into the shared prompt activations), then only the completion
+    tokens are run. Same values and gradients as the full teacher-forced pass (up to float rounding), with
+    ``N_prompt * P + B * C`` instead of ``B * (P + C)`` token positions. Needs a KV cache in training mode, so not
+    with gradient checkpointing. ``micro_batch`` counts rows and must be a multiple of ``group_size``.
+    """
+    G = group_size
+    B, C = completion_ids.shape
+    if B % G:
+        raise ValueError(f"{B} rows are not whole groups of group_size={G}")
+    bs = micro_batch or B
+    if bs % G:
+        raise ValueError(f"micro_batch={bs} must be a multiple of group_size={G}")
+    T = temperature if temperature > 0 else 1.0
+    lps, ents = [], []
+    for s in range(0, B, bs):
+        pi, pm = prompt_ids[s:s + bs:G], prompt_mask[s:s + bs:G]
+        ci, cm = completion_ids[s:s + bs], completion_mask[s:s + bs]
+        out = model(input_ids=pi, attention_mask=pm, position_ids=_positions(pm), use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1:].repeat_interleave(G, 0)  # predicts completion token 0
+        logits = first
+        if C > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(G)
+            pmr = pm.repeat_interleave(G, 0)
+            start = pmr.sum(-1, keepdim=True)
+            pos = start + torch.arange(C - 1, device=ci.device)[None]
+            att = torch.cat([pmr, cm[:, :-1]], 1)
+            rest = model(input_ids=ci[:, :-1], attention_mask=att, position_ids=pos, past_key_values=cache,
+                         use_cache=True).logits
+            logits = torch.cat([first, rest], 1)
+        lp, ent = _head_logps(logits, ci, T, entropy)
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps), (torch.cat(ents) if entropy else None)

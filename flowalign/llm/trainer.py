@@ -1,0 +1,464 @@
+"""The LLM RLVR loop: rollouts -> rewards -> advantages -> clipped policy updates (GRPO family).
+
+One step (``LLMTrainer.train_step``):
+
+1. sample ``prompts_per_step`` train prompts and ``G`` completions each (``rollout.generate``; ``G + 1`` for
+   MC-GRPO); DAPO dynamic sampling drops groups whose rewards are all equal and refills them;
+2. score every reward component (``flowalign.rewards`` registry, text modality) plus the DAPO soft overlong
+   punishment; the total is the weighted sum;
+3. one no-grad micro-batched pass gives the old-policy (``num_iterations > 1`` or KL-in-reward) and reference
+   (``beta > 0``; LoRA: adapters disabled) token log-probs;
+4. advantages from ``flowalign.advantages.ADVANTAGES`` (REINFORCE++ with KL-in-reward: token-level returns,
+   whitened over tokens); MC-GRPO drops each group's median pivot;
+5. ``num_iterations`` x ``mini_batches`` optimizer steps, each accumulated over ``micro_batch`` rows with
+   step-level normalisers, so the accumulated loss equals the one-shot loss of the mini-batch.
+
+Logs are JSONL (``<output_dir>/metrics.jsonl``): reward per component, accuracy, response length, clip fractions,
+KL, entropy, timings per phase. Checkpoints hold the trainable weights (safetensors), optimizer, scheduler, RNG
+states and the prompt cursor, written to a temp dir then renamed; ``resume`` continues bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor
+
+from flowalign.advantages import ADVANTAGES, median_pivots, whiten
+from flowalign.llm.config import LLMConfig
+from flowalign.llm.losses import kl_estimate, policy_loss, token_returns_with_kl
+from flowalign.llm.model import load_model
+from flowalign.llm.rollout import Rollout, concat, generate, token_logps, token_logps_grouped
+from flowalign.llm.task import ArithmeticTask
+from flowalign.rewards.base import REWARDS, get_reward
+from flowalign.rewards.text import OverlongPenalty
+
+
+class LLMTrainer:
+    """Owns the model(s), optimizer, accelerator, prompt stream and logs of one LLM RLVR run."""
+
+    def __init__(self, cfg: LLMConfig, accelerator=None) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.acc = accelerator or Accelerator(cpu=cfg.train.device == "cpu")
+        torch.manual_seed(cfg.seed)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        model, self.tok = load_model(cfg.model.path, dtype)
+        self.lora = cfg.model.lora.enabled
+        if self.lora:
+            from peft import LoraConfig, get_peft_model
+
+            lc = cfg.model.lora
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=lc.r, lora_alpha=lc.alpha,
+                                                     lora_dropout=lc.dropout, target_modules=list(lc.target_modules)))
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.lora:
+                model.enable_input_require_grads()
+        self.ref = None
+        if cfg.algo.beta > 0 and not self.lora:  # LoRA uses the base model (adapters disabled) as reference
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False).to(self.acc.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        o = cfg.optim
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        warm = max(1, o.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        self.model, self.opt, self.sched = self.acc.prepare(model, opt, sched)
+        self.rewards = [get_reward(r.name, **r.kwargs) for r in cfg.rewards]
+        self.reward_names = [r.name for r in cfg.rewards]
+        self.weights = [r.weight for r in cfg.rewards]
+        if cfg.algo.overlong_buffer:  # DAPO soft overlong punishment as one more reward component
+            self.rewards.append(OverlongPenalty(cfg.rollout.max_new_tokens, cfg.algo.overlong_buffer))
+            self.reward_names.append("overlong_penalty")
+            self.weights.append(cfg.algo.overlong_penalty)
+        task = ArithmeticTask(cfg.task.max_operand, cfg.task.heldout_fraction, cfg.task.seed)
+        self.train_set, self.heldout = task.split("train"), task.split("heldout")
+        rank = self.acc.process_index
+        self.gen_prompts = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
+        self.gen_sample = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank + 7919)
+        self._perm, self._pos = torch.randperm(len(self.train_set), generator=self.gen_prompts), 0
+        self.step = 0
+        self.out = Path(cfg.output_dir)
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # ---------------------------------------------------------------- data and rollouts
+    @property
+    def policy(self):
+        return self.acc.unwrap_model(self.model)
+
+    def _next_prompts(self, n: int):
+        out = []
+        while len(out) < n:
+            if self._pos >= len(self._perm):
+                self._perm, self._pos = torch.randperm(len(self.train_set), generator=self.gen_prompts), 0
+            take = self._perm[self._pos:self._pos + n - len(out)]
+            self._pos += len(take)
+            out += [self.train_set[int(i)] for i in take]
+        return out
+
+    def _sample(self, examples, group_size: int) -> tuple[Rollout, list[int]]:
+        r = self.cfg.rollout
+        ro = generate(self.policy, self.tok, [e.prompt for e in examples], group_size, r.max_new_tokens,
+                      r.temperature, r.top_k, r.top_p, r.stop_strings, self.gen_sample, r.engine)
+        return ro, [e.answer for e in examples for _ in range(group_size)]
+
+    def score(self, ro: Rollout, answers: list[int]) -> Tensor:
+        """Reward components ``[B, K]`` (K = rewards + overlong penalty when enabled); metadata carries
+        ``num_tokens`` (completion length incl. EOS) and ``truncated``."""
+        meta = [{"num_tokens": int(n), "truncated": bool(t)} for n, t in zip(ro.lengths, ro.truncated)]
+        cols = [rw(completions=ro.completions, prompts=ro.prompts, metadata=meta, answers=answers).float().cpu()
+                for rw in self.rewards]
+        return torch.stack(cols, 1)
+
+    def _collect(self) -> tuple[Rollout, Tensor, dict]:
+        """Rollouts and rewards of one step, with DAPO dynamic sampling when enabled."""
+        cfg, a = self.cfg, self.cfg.algo
+        G = cfg.rollout.group_size + (1 if a.median_pivot else 0)
+        want = cfg.rollout.prompts_per_step
+        ro, answers = self._sample(self._next_prompts(want), G)
+        R = self.score(ro, answers)
+        info = {"groups_sampled": want}
+        if not a.dynamic_sampling:
+            return ro, R, info
+        w = torch.tensor(self.weights)
+        kept_ro, kept_R, n_kept = [], [], 0
+        for rnd in range(a.max_refill_rounds + 1):
+            if rnd:
+                ro, answers = self._sample(self._next_prompts(want - n_kept), G)
+                R = self.score(ro, answers)
+                info["groups_sampled"] += len(ro) // G
+            ok = ((R @ w).reshape(-1, G).std(1) > 0) if G > 1 else torch.ones(len(ro) // G, dtype=torch.bool)
+            rows = ok.repeat_interleave(G).nonzero().flatten()
+            if len(rows):
+                kept_ro.append(ro.index(rows.to(ro.completion_ids.device)))
+                kept_R.append(R[rows])
+                n_kept += int(ok.sum())
+            if n_kept >= want:
+                break
+        info["groups_kept"] = n_kept
+        if not kept_ro:
+            return ro.index(torch.zeros(0, dtype=torch.long)), R[:0], info
+        return concat(kept_ro, self.tok.pad_token_id), torch.cat(kept_R), info
+
+    def _logps(self, model, ro: Rollout, rows: Tensor, entropy: bool = False):
+        """Token log-probs of ``rows`` (whole groups when prefix sharing is on) under ``model``."""
+        T, G = self.cfg.rollout.temperature, ro.group_size
+        args = (ro.prompt_ids[rows], ro.prompt_mask[rows], ro.completion_ids[rows], ro.completion_mask[rows])
+        if self._shared(G):
+            return token_logps_grouped(model, *args, group_size=G, temperature=T, entropy=entropy)
+        return token_logps(model, *args, temperature=T, entropy=entropy)
+
+    def _shared(self, G: int) -> bool:
+        """Prefix sharing needs a KV cache in the training forward (not with gradient checkpointing)."""
+        return (self.cfg.train.prefix_sharing and not self.cfg.model.gradient_checkpointing
+                and self.cfg.train.micro_batch >= G)
+
+    def _micro(self, rows: Tensor, G: int) -> list[Tensor]:
+        """Split row indices into micro-batches; whole groups when prefix sharing is on."""
+        mb = self.cfg.train.micro_batch
+        if self._shared(G):
+            mb = (mb // G) * G
+        return list(rows.split(mb))
+
+    @torch.no_grad()
+    def _aux_logps(self, ro: Rollout, old: bool, ref: bool) -> tuple[Tensor | None, Tensor | None]:
+        """Old-policy and reference log-probs in one micro-batched no-grad pass over the rollout."""
+        if not (old or ref):
+            return None, None
+        rows = torch.arange(len(ro), device=ro.completion_ids.device)
+        olds, refs = [], []
+        G = ro.group_size
+        mb = max(self.cfg.rollout.logprob_micro_batch // G, 1) * G if self._shared(G) else \
+            self.cfg.rollout.logprob_micro_batch
+        for r in rows.split(mb):
+            if old:
+                olds.append(self._logps(self.model, ro, r)[0])
+            if ref:
+                if self.ref is not None:
+                    refs.append(self._logps(self.ref, ro, r)[0])
+                else:
+                    with self.policy.disable_adapter():
+                        refs.append(self._logps(self.model, ro, r)[0])
+        return (torch.cat(olds) if old else None), (torch.cat(refs) if ref else None)
+
+    def advantages(self, R: Tensor, group_size: int, ro: Rollout | None = None, kl: Tensor | None = None) -> Tensor:
+        """Advantages ``[B]`` (or ``[B, C]`` for REINFORCE++ with per-token KL in the reward)."""
+        a = self.cfg.algo
+        w = torch.tensor(self.weights, dtype=R.dtype)
+        kw = dict(a.advantage_kwargs)
+        if a.advantage == "gdpo":
+            return ADVANTAGES.get("gdpo")(R, group_size, weights=w, **kw)
+        total = R @ w
+        if a.kl_in_reward and kl is not None and a.advantage == "reinforce_pp":
+            mask = ro.completion_mask.cpu()
+            base = ADVANTAGES.get("no_std")(total, group_size)
+            tok = token_returns_with_kl(base, kl.cpu(), mask, a.beta)
+            return torch.where(mask.bool(), whiten(tok, mask), torch.zeros_like(tok))
+        if a.kl_in_reward and kl is not None:  # RLOO: sequence reward r - beta * sum_t KL_t
+            total = total - a.beta * (kl.cpu() * ro.completion_mask.cpu()).sum(1)
+        if a.advantage == "reinforce_pp" and "weights" not in kw and ro is not None:
+            kw["weights"] = ro.lengths.cpu().float()  # token-weighted whitening, as verl
+        return ADVANTAGES.get(a.advantage)(total, group_size, **kw)
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        cfg, a = self.cfg, self.cfg.algo
+        t0 = time.perf_counter()
+        self.model.eval()
+        ro, R, info = self._collect()
+        t_gen = time.perf_counter() - t0
+        G = cfg.rollout.group_size + (1 if a.median_pivot else 0)
+        w = torch.tensor(self.weights)
+        metrics = {"step": self.step + 1, **info}
+        metrics["reward"] = float((R @ w).mean()) if len(R) else float("nan")
+        for j, n in enumerate(self.reward_names):
+            metrics[f"reward/{n}"] = float(R[:, j].mean()) if len(R) else float("nan")
+        metrics["response_length"] = float(ro.lengths.float().mean()) if len(ro) else 0.0
+        metrics["truncated_frac"] = float(ro.truncated.float().mean()) if len(ro) else 0.0
+        if len(ro) == 0:  # dynamic sampling found no informative group: no update this step
+            self.step += 1
+            metrics["skipped"] = 1
+            self._log(metrics)
+            return metrics
+        t1 = time.perf_counter()
+        need_old = a.num_iterations > 1 or a.mini_batches > 1 or (a.kl_in_reward and a.beta > 0)
+        old, ref = self._aux_logps(ro, old=need_old, ref=a.beta > 0)
+        kl_r = kl_estimate(old, ref, a.kl_estimator) if (a.kl_in_reward and a.beta > 0) else None
+        A = self.advantages(R, G, ro, kl_r)
+        keep = torch.arange(len(ro))
+        if a.median_pivot:
+            piv = median_pivots(R @ w, G)
+            keep = keep[~torch.isin(keep, piv)]
+        dev = ro.completion_ids.device
+        keep_d = keep.to(dev)
+        ro = dataclasses.replace(ro.index(keep_d), group_size=len(keep) // (len(R) // G))
+        A, old = A[keep].to(dev), (old[keep_d] if old is not None else None)
+        ref = ref[keep_d] if ref is not None else None
+        loss_mask = ro.completion_mask.clone()
+        if a.mask_truncated:
+            loss_mask[ro.truncated] = 0
+        t_aux = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        stats = self._update(ro, A, old, ref, loss_mask)
+        t_train = time.perf_counter() - t2
+        self.step += 1
+        metrics.update(stats)
+        n_tok = int(ro.completion_mask.sum())
+        metrics.update({"adv_abs_mean": float(A.abs().mean()), "tokens": n_tok,
+                        "time/generate": t_gen, "time/aux_logprobs": t_aux, "time/train": t_train,
+                        "time/step": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0]})
+        self._log(metrics)
+        return metrics
+
+    def _update(self, ro: Rollout, A: Tensor, old: Tensor | None, ref: Tensor | None, loss_mask: Tensor) -> dict:
+        cfg, a = self.cfg, self.cfg.algo
+        self.model.train()
+        n = len(ro)
+        P = self.acc.num_processes
+        acc_stats: dict[str, list] = {}
+        grad_norms, losses = [], []
+        G = ro.group_size
+        shuffle = a.num_iterations > 1 or a.mini_batches > 1
+        for _ in range(a.num_iterations):
+            # shuffle whole groups (keeps prompt sharing possible); rows of a group stay together
+            groups = torch.randperm(n // G, generator=self.gen_sample) if shuffle else torch.arange(n // G)
+            for gchunk in groups.tensor_split(a.mini_batches):
+                if len(gchunk) == 0:
+                    continue
+                chunk = (gchunk[:, None] * G + torch.arange(G)[None]).flatten().to(loss_mask.device)
+                counts = torch.tensor([float(len(chunk)), float(loss_mask[chunk].sum())], device=self.acc.device)
+                if P > 1:  # step-level normalisers over all processes, divided by P because DDP averages grads
+                    counts = self.acc.reduce(counts, reduction="sum")
+                n_seq, n_tok = float(counts[0]) / P, float(counts[1]) / P
+                self.opt.zero_grad(set_to_none=True)
+                total = 0.0
+                micro = self._micro(chunk, G)
+                for k, mb in enumerate(micro):
+                    ctx = self.acc.no_sync(self.model) if (P > 1 and k < len(micro) - 1) else nullcontext()
+                    with ctx:
+                        logp, ent = self._logps(self.model, ro, mb, entropy=True)
+                        if not a.entropy_coef:
+                            ent = ent.detach()
+                        o = old[mb] if old is not None else logp.detach()
+                        out = policy_loss(
+                            logp, o, A[mb], loss_mask[mb], loss=a.policy_loss, agg=a.loss_agg_mode,
+                            eps_low=a.eps_low, eps_high=a.eps_high, delta=a.delta,
+                            importance_sampling_level=a.importance_sampling_level,
+                            ref_logp=ref[mb] if (ref is not None and not a.kl_in_reward) else None,
+                            beta=0.0 if a.kl_in_reward else a.beta, kl=a.kl_estimator,
+                            kl_ratio_correction=a.kl_ratio_correction, entropy=ent, entropy_coef=a.entropy_coef,
+                            num_seqs=n_seq, num_tokens=n_tok, norm=cfg.rollout.max_new_tokens)
+                        self.acc.backward(out.loss)
+                    total += out.loss.item()
+                    for key, v in out.metrics.items():
+                        acc_stats.setdefault(key, []).append((v, len(mb)))
+                gn = self.acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm) \
+                    if cfg.optim.max_grad_norm else torch.tensor(float("nan"))
+                self.opt.step()
+                self.sched.step()
+                grad_norms.append(float(gn))
+                losses.append(total)
+        stats = {k: sum(v * m for v, m in vs) / sum(m for _, m in vs) for k, vs in acc_stats.items()}
+        stats.update({"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms)})
+        return stats
+
+    # ---------------------------------------------------------------- evaluation, logs, checkpoints
+    @torch.no_grad()
+    def evaluate(self, n: int | None = None, temperature: float | None = None, split: str = "heldout") -> dict:
+        """Answer accuracy and format rate on ``n`` examples of ``split`` (fixed seed: comparable across calls)."""
+        exs = (self.heldout if split == "heldout" else self.train_set)[: n or self.cfg.train.eval_prompts]
+        T = self.cfg.train.eval_temperature if temperature is None else temperature
+        g = torch.Generator().manual_seed(self.cfg.seed + 12345)
+        r = self.cfg.rollout
+        ro = generate(self.policy, self.tok, [e.prompt for e in exs], 1, r.max_new_tokens, T, r.top_k, r.top_p,
+                      r.stop_strings, g, r.engine)
+        answers = [e.answer for e in exs]
+        out = {"split": split, "n": len(exs), "temperature": T}
+        for name in ("arith_answer", "arith_format"):
+            out[name] = float(REWARDS.get(name)()(completions=ro.completions, answers=answers).mean())
+        out["accuracy"] = out.pop("arith_answer")
+        out["format"] = out.pop("arith_format")
+        return out
+
+    def _log(self, metrics: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})
+                        + "\n")
+
+    def train(self, steps: int | None = None, progress: bool = True) -> list[dict]:
+        """Run ``steps`` (default ``train.steps``) steps with periodic held-out evaluation and checkpoints."""
+        from tqdm.auto import tqdm
+
+        steps = self.cfg.train.steps if steps is None else steps
+        t = self.cfg.train
+        history = []
+        if self.step == 0:
+            self._log({"step": 0, "eval": self.evaluate()})
+        end = self.step + steps
+        bar = tqdm(total=steps, disable=not (progress and self.acc.is_main_process), desc="llm-rl")
+        while self.step < end:
+            m = self.train_step()
+            history.append(m)
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward']:.3f}")
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < end:
+                self._log({"step": self.step, "eval": self.evaluate()})
+            if t.save_every and self.step % t.save_every == 0:
+                self.save()
+        bar.close()
+        self._log({"step": self.step, "eval": self.evaluate()})
+        self.save()
+        return history
+
+    def _trainable_state(self) -> dict[str, Tensor]:
+        model = self.policy
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            sd = get_peft_model_state_dict(model)
+        else:
+            sd = model.state_dict()
+        # clone: tied embeddings share storage, which safetensors refuses
+        return {k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write ``checkpoint-<step>`` (weights, optimizer, scheduler, RNG, prompt cursor) atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path) if path else self.out / f"checkpoint-{self.step}"
+        if not self.acc.is_main_process:
+            return path
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(self._trainable_state(), str(tmp / "weights.safetensors"))
+        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "step": self.step,
+                    "rng_torch": torch.get_rng_state(), "gen_prompts": self.gen_prompts.get_state(),
+                    "gen_sample": self.gen_sample.get_state(), "perm": self._perm, "pos": self._pos,
+                    "lora": self.lora}, tmp / "trainer_state.pt")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Restore a checkpoint written by ``save``; the run then continues bit-for-bit (CPU)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        sd = load_file(str(path / "weights.safetensors"))
+        if self.lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.policy, sd)
+        else:
+            self.policy.load_state_dict(sd)
+        st = torch.load(path / "trainer_state.pt", weights_only=True)
+        if bool(st["lora"]) != self.lora:
+            raise ValueError(f"checkpoint {path} has lora={st['lora']} but the config has lora={self.lora}")
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.step, self._perm, self._pos = int(st["step"]), st["perm"], int(st["pos"])
+        torch.set_rng_state(st["rng_torch"])
+        self.gen_prompts.set_state(st["gen_prompts"])
+        self.gen_sample.set_state(st["gen_sample"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``flowalign train RECIPE.yaml [key=value ...] [--resume latest|DIR] [--dry-run]`` for ``kind: llm``."""
+    import argparse
+
+    from flowalign.llm.config import load
+
+    ap = argparse.ArgumentParser(prog="flowalign train", description="LLM RLVR training (GRPO family)")
+    ap.add_argument("recipe")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    ap.add_argument("--resume", default=None, help="checkpoint directory, or 'latest' in output_dir")
+    ap.add_argument("--dry-run", action="store_true", help="validate the config, print it, exit")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(args.recipe, args.overrides)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    tr = LLMTrainer(cfg)
+    if args.resume:
+        path = latest_checkpoint(cfg.output_dir) if args.resume == "latest" else Path(args.resume)
+        if path is None:
+            print(f"--resume latest: no checkpoint in {cfg.output_dir}", file=sys.stderr)
+            return 2
+        tr.resume(path)
+    tr.train(max(0, cfg.train.steps - tr.step))
+    print(json.dumps({"final_eval": tr.evaluate()}))
+    return 0
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The ``checkpoint-<step>`` directory with the largest step, or None."""
+    cks = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

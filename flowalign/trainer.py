@@ -1,0 +1,491 @@
+"""The one training loop: accelerate, peft LoRA (or full fine-tuning), AdamW, clipping, EMA, eval, checkpoints.
+
+>>> from flowalign import load_config, train
+>>> train(load_config("recipes/sd35_pickscore.yaml", ["train.lr=1e-4"]))
+
+Per iteration: ``method.collect`` (sampling + rewards + advantages, see ``flowalign.methods``), then for each of
+its ``num_updates`` optimizer steps: ``backward`` of every micro-batch ``method.loss``, sum of the gradients over
+processes (one flat all-reduce of the trainable parameters' grads), grad-norm clipping, AdamW step, LR scheduler
+step, EMA step. Then JSONL logs (+ accelerate trackers), sample images, eval, checkpoint.
+
+Distributed: launch with ``accelerate launch`` (or ``torchrun``). Gradients are summed explicitly instead of
+wrapping the denoiser in DDP: the adapter calls its own module (no forward through a wrapper), and the method's
+loss is already normalised by the global row count, so the update is the same for any process count
+(tested: 1 vs 2 processes <= 1e-5). FSDP/DeepSpeed sharding is not wired yet (a clear error says so).
+
+The reference policy for KL terms is the same network with the LoRA adapters disabled (flow_grpo
+``disable_adapter()``); for full fine-tuning a frozen copy of the initial weights is swapped in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from flowalign import checkpoint as ckpt
+from flowalign.config import Config, load_prompts
+from flowalign.ema import EMA
+from flowalign.methods import METHODS, Collected, Method, Runtime, TrainState
+from flowalign.methods.base import generator
+from flowalign.registry import import_string
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------- building
+def build_adapter(cfg: Config, device: torch.device | str = "cpu"):
+    """Load ``cfg.model.adapter`` from ``cfg.model.path`` through the adapter's ``from_pretrained``."""
+    import importlib
+
+    from flowalign.pipelines.base import ADAPTERS
+
+    name = cfg.model.adapter
+    if name not in ADAPTERS and ":" not in name:
+        try:  # adapters register on import of their module (flowalign.pipelines.<name>)
+            importlib.import_module(f"flowalign.pipelines.{name}")
+        except ImportError as e:
+            if e.name != f"flowalign.pipelines.{name}":
+                raise
+    cls = ADAPTERS.get(name)
+    return cls.from_pretrained(cfg.model.path, torch_dtype=_DTYPES[cfg.model.dtype], device=device,
+                               **cfg.model.kwargs)
+
+
+def build_reward(cfg: Config, device: torch.device | str = "cpu"):
+    """``Compose`` of ``cfg.reward.weights`` with per-reward kwargs (components are logged separately)."""
+    from flowalign.rewards.base import Compose
+
+    dev = cfg.reward.device or str(device)
+    spec = {}
+    for name, w in cfg.reward.weights.items():
+        kw = dict(cfg.reward.kwargs.get(name, {}))
+        if not name.startswith("remote:"):
+            kw.setdefault("device", dev)
+        spec[name] = {"weight": w, **kw}
+    return Compose(spec, device=dev)
+
+
+def lora_settings(cfg: Config, adapter) -> dict[str, Any]:
+    """Rank/alpha/targets: the config's, else the adapter family's defaults (flow_grpo: SD3/Wan r32/a64 attention,
+    FLUX r64/a128 attention + FF). Overriding only the rank keeps the adapter's alpha/rank ratio."""
+    lo = cfg.model.lora
+    rank = lo.rank or adapter.lora_rank
+    alpha = lo.alpha if lo.alpha is not None else adapter.lora_alpha * rank / adapter.lora_rank
+    targets = lo.target_modules or list(adapter.lora_target_modules)
+    if not targets:
+        raise ValueError(f"adapter {type(adapter).__name__} declares no lora_target_modules; "
+                         "set model.lora.target_modules")
+    init: Any = {"default": True, "true": True, "false": False}.get(str(lo.init).lower(), lo.init)
+    return {"r": int(rank), "lora_alpha": float(alpha), "target_modules": targets, "init_lora_weights": init,
+            "lora_dropout": lo.dropout}
+
+
+def apply_lora(module: nn.Module, settings: dict[str, Any]) -> nn.Module:
+    """Freeze ``module`` and inject peft LoRA layers in place (the adapter keeps calling the same module)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    module.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(**settings), module, adapter_name="default")
+    for n, p in module.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return module
+
+
+@contextlib.contextmanager
+def lora_disabled(module: nn.Module) -> Iterator[None]:
+    """The base model: every peft tuner layer of ``module`` bypassed (flow_grpo ``disable_adapter()``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [m.disable_adapters for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, was_disabled in zip(layers, flags):
+            m.enable_adapters(not was_disabled)
+
+
+@contextlib.contextmanager
+def weights_swapped(params: list[nn.Parameter], frozen: list[torch.Tensor]) -> Iterator[None]:
+    """Point ``params`` at ``frozen`` tensors (full fine-tuning reference) and back; no copies."""
+    live = [p.data for p in params]
+    for p, f in zip(params, frozen):
+        p.data = f
+    try:
+        yield
+    finally:
+        for p, d in zip(params, live):
+            p.data = d
+
+
+# ----------------------------------------------------------------------------------------------- eval seam
+@torch.no_grad()
+def ode_eval(trainer: "Trainer") -> dict[str, float]:
+    """Mean reward (and components) of deterministic samples on ``eval.prompts``, one sample per prompt.
+
+    The eval seam: ``eval.fn`` names any ``fn(trainer) -> dict`` (``flowalign.eval`` can replace this).
+    Prompts are cut into chunks of ``eval.batch_size``; chunk ``k`` draws its noise from ``(eval.seed, k)`` and the
+    chunks are dealt round-robin to processes, so numbers are comparable across iterations and process counts.
+    """
+    from flowalign.methods.flow_grpo import reward_parts
+    from flowalign.rollout import sample
+
+    cfg, e, rt = trainer.cfg, trainer.cfg.eval, trainer.runtime
+    prompts, meta = load_prompts(e.prompts, "eval.prompts")
+    guidance = cfg.sample.guidance if e.guidance is None else e.guidance
+    chunks = [list(range(i, min(i + e.batch_size, len(prompts)))) for i in range(0, len(prompts), e.batch_size)]
+    sums: dict[str, float] = {}
+    count = 0
+    for k in range(rt.rank, len(chunks), rt.world_size):
+        idx = chunks[k]
+        with rt.autocast():
+            traj = sample(trainer.adapter, [prompts[i] for i in idx], group_size=1, num_steps=e.num_steps,
+                          kernel=e.kernel, noise_level=e.noise_level, guidance=guidance,
+                          generator=generator(e.seed, "eval", k, device=rt.device),
+                          negative_prompt=cfg.sample.negative_prompt, batch_size=e.batch_size)
+        total, parts = reward_parts(trainer.reward_fn, traj.images.float().clamp(0, 1), [prompts[i] for i in idx],
+                                    [dict(meta[i]) for i in idx])
+        count += len(idx)
+        sums["reward"] = sums.get("reward", 0.0) + float(total.sum())
+        for name, v in parts.items():
+            sums[f"reward_{name}"] = sums.get(f"reward_{name}", 0.0) + float(v.sum())
+    keys = sorted(set(sums) | {"reward"})
+    vec = torch.tensor([sums.get(k, 0.0) for k in keys] + [float(count)], dtype=torch.float64)
+    vec = trainer.all_reduce_sum(vec)
+    n = max(vec[-1].item(), 1.0)
+    return {f"eval/{k}": vec[i].item() / n for i, k in enumerate(keys)}
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns the model, optimizer, EMA, checkpoints and logs; delegates data and loss to a ``Method``.
+
+    ``adapter`` and ``reward_fn`` may be passed in (tests, notebooks); otherwise they are built from ``cfg``.
+    """
+
+    def __init__(self, cfg: Config, adapter=None, reward_fn=None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, set_seed
+
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.accelerator = acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+                                             log_with=cfg.log.trackers or None, project_dir=str(self.output_dir))
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise NotImplementedError(f"{acc.distributed_type} sharding is not supported yet; launch plain "
+                                      "data-parallel (accelerate launch --multi_gpu / --cpu)")
+        set_seed(cfg.seed)  # LoRA init etc.: identical on every process
+        self.device = acc.device
+
+        self.adapter = adapter if adapter is not None else build_adapter(cfg, self.device)
+        self.module = self.adapter.trainable_module()
+        if cfg.model.gradient_checkpointing and hasattr(self.module, "enable_gradient_checkpointing"):
+            self.module.enable_gradient_checkpointing()
+        self._setup_params()
+
+        self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg, self.device)
+        self.runtime = Runtime(device=self.device, rank=acc.process_index, world_size=acc.num_processes,
+                               seed=cfg.seed, gather=self._gather, autocast=acc.autocast, reference=self.reference)
+        self.method: Method = METHODS.get(cfg.train.method)(cfg, self.adapter, self.reward_fn, self.runtime)
+        self.method.check_world(acc.num_processes)
+
+        t = cfg.train
+        if t.adam_8bit:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as e:
+                raise ImportError("train.adam_8bit=true needs `pip install bitsandbytes`") from e
+            opt_cls: Callable = bnb.optim.AdamW8bit
+        else:
+            opt_cls = torch.optim.AdamW
+        optimizer = opt_cls(self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                            eps=t.adam_eps)
+        self.optimizer = acc.prepare_optimizer(optimizer)  # handles the fp16 grad scaler
+        from diffusers.optimization import get_scheduler
+
+        total_steps = cfg.max_iterations * t.updates_per_iteration * t.num_inner_epochs
+        # not accelerator.prepare'd: that would step it once per process per optimizer step
+        self.lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
+                                          num_training_steps=total_steps)
+        self.ema = EMA(self.params, cfg.ema.decay, cfg.ema.interval) if cfg.ema.enabled else None
+        self.state = TrainState()
+        self.eval_fn: Callable[["Trainer"], dict] = import_string(cfg.eval.fn)
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.output_dir / "checkpoints"
+        self.history: list[dict] = []
+        self._elapsed_before = 0.0
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.jsonl = Path(cfg.log.jsonl) if cfg.log.jsonl else self.output_dir / "metrics.jsonl"
+        if cfg.log.trackers:
+            acc.init_trackers(cfg.log.project, config=_flat(cfg.to_dict()))
+        if cfg.resume:
+            self.load_checkpoint(ckpt.resolve(cfg.resume, self.ckpt_dir))
+
+    # ------------------------------------------------------------------------------------------- params
+    def _setup_params(self) -> None:
+        from diffusers.training_utils import cast_training_params
+
+        lo = self.cfg.model.lora
+        self.ref_weights: list[torch.Tensor] | None = None
+        if lo.enabled:
+            self.lora = lora_settings(self.cfg, self.adapter)
+            apply_lora(self.module, self.lora)
+        else:
+            self.lora = None
+            self.module.requires_grad_(True)
+        cast_training_params(self.module, dtype=torch.float32)  # trainable weights stay fp32 (frozen: model.dtype)
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("no trainable parameters: check model.lora.target_modules")
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        if not lo.enabled and self.cfg.train.beta > 0:
+            self.ref_weights = [p.detach().clone() for p in self.params]
+        if lo.path:
+            self._load_weights(lo.path)
+
+    def _load_weights(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        file = p / "weights.safetensors" if p.is_dir() else p
+        state = load_file(str(file))
+        missing = [n for n in self.param_names if n not in state]
+        if missing:
+            raise ValueError(f"{file} lacks {len(missing)} trainable parameters, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for n, prm in zip(self.param_names, self.params):
+                prm.copy_(state[n])
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in zip(self.param_names, self.params)}
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside: the adapter computes the reference (initial) policy."""
+        if self.lora is not None:
+            with lora_disabled(self.module):
+                yield
+        elif self.ref_weights is not None:
+            with weights_swapped(self.params, self.ref_weights):
+                yield
+        else:
+            raise RuntimeError("full fine-tuning keeps a reference copy only when train.beta > 0")
+
+    # ------------------------------------------------------------------------------------------- comms
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(t.contiguous()) if self.accelerator.num_processes > 1 else t
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return t
+        out = t.to(self.device)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out.to(t.device)
+
+    def _sum_grads(self) -> None:
+        """Sum the trainable gradients over processes (the method's loss is globally normalised)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset: offset + n].view_as(p).clone()
+            offset += n
+
+    # ------------------------------------------------------------------------------------------- loop
+    def step(self) -> dict[str, Any]:
+        """One iteration: collect, ``num_updates`` optimizer steps, logs. Returns the logged record."""
+        acc, cfg = self.accelerator, self.cfg
+        t0 = time.perf_counter()
+        self.module.eval()
+        col: Collected = self.method.collect(self.state)
+        t1 = time.perf_counter()
+        self.module.train()
+        by_update: dict[int, list] = {}
+        for b in col.batches:
+            by_update.setdefault(b.update, []).append(b)
+        sums: dict[str, float] = {}
+        count = 0
+        grad_norms, losses = [], []
+        self.optimizer.zero_grad(set_to_none=True)
+        for u in range(col.num_updates):
+            loss_sum = 0.0
+            for b in by_update.get(u, []):
+                loss, metrics = self.method.loss(b)
+                acc.backward(loss)
+                loss_sum += float(loss.detach())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+            self._sum_grads()
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
+            norm = acc.clip_grad_norm_(self.params, max_norm)
+            grad_norms.append(float(norm))
+            losses.append(loss_sum)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(self.state.global_step)
+            self.state.global_step += 1
+        t2 = time.perf_counter()
+        self.state.iteration += 1
+        self.state.samples += col.num_samples * acc.num_processes
+
+        # per-micro-batch metrics: mean over this process's batches, then over processes
+        keys = sorted(sums)
+        vec = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
+        vec = self.all_reduce_sum(vec)
+        loss_metrics = {k: vec[i].item() / max(vec[-1].item(), 1.0) for i, k in enumerate(keys)}
+        it_time = t2 - t0
+        record = {
+            "iteration": self.state.iteration, "global_step": self.state.global_step,
+            "samples": self.state.samples, "lr": self.lr_scheduler.get_last_lr()[0],
+            **col.metrics, **loss_metrics,
+            # the objective of each update summed over processes = the loss that was minimised
+            "loss": float(self.all_reduce_sum(torch.tensor(losses or [0.0], dtype=torch.float64)).mean()),
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
+            "num_updates": col.num_updates,
+            **{f"time/{k}": v for k, v in col.timings.items()},
+            "time/train": t2 - t1, "time/iteration": it_time,
+            "images_per_s": col.num_samples * acc.num_processes / max(it_time, 1e-9),
+        }
+        self._log(record, col)
+        return record
+
+    def _log(self, record: dict, col: Collected) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        self.history.append(record)
+        if acc.is_main_process:
+            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            every = cfg.log.sample_images_every
+            if every and self.state.iteration % every == 0 and col.images is not None:
+                self.save_images(col.images)
+        if cfg.log.trackers:
+            acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.state.iteration)
+
+    def save_images(self, images: torch.Tensor) -> Path:
+        from torchvision.utils import save_image
+
+        if images.ndim == 5:  # video: first frame of each sample
+            images = images[:, 0]
+        path = self.output_dir / "samples" / f"iter_{self.state.iteration:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images[:16].float(), str(path), nrow=min(8, len(images)))
+        return path
+
+    def _should_stop(self, start: float) -> bool:
+        if self.cfg.max_minutes is None:
+            return False
+        over = (self._elapsed_before + time.time() - start) > self.cfg.max_minutes * 60
+        # every process must take the same decision
+        flag = self.all_reduce_sum(torch.tensor([float(over)], dtype=torch.float64))
+        return bool(flag.item() > 0)
+
+    def train(self) -> list[dict]:
+        """Run until ``max_iterations`` (or ``max_minutes``); returns the per-iteration records."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        start = time.time()
+        bar = tqdm(total=cfg.max_iterations, initial=self.state.iteration, desc="flowalign",
+                   disable=not (cfg.log.progress and acc.is_main_process), dynamic_ncols=True)
+        try:
+            while self.state.iteration < cfg.max_iterations and not self._should_stop(start):
+                rec = self.step()
+                bar.update(1)
+                bar.set_postfix(reward=f"{rec.get('reward_mean', float('nan')):.4f}",
+                                kl=f"{rec.get('approx_kl', 0.0):.2e}")
+                it = self.state.iteration
+                if cfg.eval.every and it % cfg.eval.every == 0:
+                    self.evaluate()
+                if cfg.checkpoint.every and it % cfg.checkpoint.every == 0:
+                    self.save_checkpoint(elapsed=self._elapsed_before + time.time() - start)
+            if cfg.checkpoint.save_final and (not cfg.checkpoint.every
+                                              or self.state.iteration % cfg.checkpoint.every):
+                self.save_checkpoint(elapsed=self._elapsed_before + time.time() - start)
+        finally:
+            bar.close()
+            self.method.close()
+            if cfg.log.trackers:
+                acc.end_training()
+        return self.history
+
+    # ------------------------------------------------------------------------------------------- eval
+    def evaluate(self) -> dict[str, float]:
+        use_ema = self.cfg.eval.use_ema and self.ema is not None
+        self.module.eval()
+        with self.ema.swapped_in() if use_ema else contextlib.nullcontext():
+            res = self.eval_fn(self)
+        res = {"iteration": self.state.iteration, **res}
+        if self.accelerator.is_main_process:
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps(res) + "\n")
+        if self.cfg.log.trackers:
+            self.accelerator.log({k: v for k, v in res.items() if k != "iteration"}, step=self.state.iteration)
+        return res
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, elapsed: float = 0.0) -> Path:
+        acc = self.accelerator
+        state = {"iteration": self.state.iteration, "global_step": self.state.global_step,
+                 "samples": self.state.samples, "elapsed_s": elapsed, "world_size": acc.num_processes,
+                 "method": self.method.state_dict(), "lora": self.lora, "config": self.cfg.to_dict()}
+        return ckpt.save(
+            self.ckpt_dir, self.state.iteration, weights=self.trainable_state_dict(),
+            optimizer=self.optimizer.state_dict(), scheduler=self.lr_scheduler.state_dict(), state=state,
+            ema=self.ema.state_dict(self.param_names) if self.ema is not None else None,
+            rank=acc.process_index, is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
+            keep_last=self.cfg.checkpoint.keep_last)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        data = ckpt.load(path, rank=self.accelerator.process_index)
+        st = data["state"]
+        self._load_weights(str(Path(path) / "weights.safetensors"))
+        self.optimizer.load_state_dict(data["optimizer"])
+        if "scheduler" in data:
+            self.lr_scheduler.load_state_dict(data["scheduler"])
+        if self.ema is not None:
+            if "ema" not in data:
+                raise ValueError(f"{path} has no EMA state but ema.enabled is true")
+            self.ema.load_state_dict(data["ema"], self.param_names)
+        self.method.load_state_dict(st["method"])
+        self.state = TrainState(iteration=st["iteration"], global_step=st["global_step"], samples=st["samples"])
+        self._elapsed_before = float(st.get("elapsed_s", 0.0))
+        if "rng" in data:
+            ckpt.set_rng_state(data["rng"])
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+def train(cfg: Config, adapter=None, reward_fn=None) -> list[dict]:
+    """Build a ``Trainer`` and run it; returns the per-iteration metric records."""
+    return Trainer(cfg, adapter=adapter, reward_fn=reward_fn).train()

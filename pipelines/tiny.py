@@ -1,0 +1,222 @@
+"""Offline builders of tiny *real-class* diffusers pipelines (random weights) for tests, benchmarks and demos.
+
+``build(family, out_dir)`` instantiates the real diffusers/transformers classes of one family with tiny configs
+(1-2 layers, widths 16-48, 16x16 latents), seeded random weights and tokenizers written locally (a byte-level
+CLIP BPE vocabulary and a character-level T5 unigram vocabulary, so nothing is downloaded), and saves the pipeline
+with ``save_pretrained``. Tests then load it through the same ``from_pretrained`` path users take.
+
+``cached(family)`` builds once into ``$FLOWALIGN_CACHE/tiny/<family>-v<VERSION>`` (default
+``~/.cache/flowalign/tiny/...``); the build goes to a temporary folder that is renamed into place, so parallel
+pytest workers never see a half-written model.
+
+``RESOLUTION[family]`` holds the pixel size (and frames for video) each tiny model is meant to be sampled at;
+FLUX's pipeline default (128 x vae factor) would be far too large for a tiny CPU model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("sd3", "flux", "wan", "sd15")
+#: bump when a builder changes so stale caches are rebuilt
+VERSION = 1
+#: sampling size of each tiny model: height/width in pixels (and num_frames for video)
+RESOLUTION: dict[str, dict[str, int]] = {
+    "sd3": {"height": 32, "width": 32},
+    "flux": {"height": 32, "width": 32},
+    "wan": {"height": 32, "width": 32, "num_frames": 9},
+    "sd15": {"height": 32, "width": 32},
+}
+_CLIP_MAX_LEN = 77  # CLIP's real context length; the pipelines read tokenizer.model_max_length
+
+
+# -- tokenizers (built locally, round-trip through save_pretrained / from_pretrained) -----------------------------
+def clip_tokenizer():
+    """Byte-level BPE CLIP tokenizer with no merges: 256 byte symbols, their ``</w>`` forms, BOS/EOS (514 ids)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_CLIP_MAX_LEN)
+
+
+def t5_tokenizer():
+    """Character-level unigram T5 tokenizer (pad=0, eos=1, unk=2; lower-case letters, digits, punctuation)."""
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_lowercase + string.digits + " .,'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _clip_text_config(vocab_size: int, hidden: int, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=_CLIP_MAX_LEN, projection_dim=projection_dim or hidden,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )
+
+
+def _t5_config(cls, vocab_size: int, d_model: int):
+    return cls(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=1,
+               num_heads=4, relative_attention_num_buckets=8, is_encoder_decoder=False, use_cache=False)
+
+
+def _vae_kl(scaling_factor: float, shift_factor: float | None, quant_conv: bool = True):
+    """2-level AutoencoderKL: vae_scale_factor 2, 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        sample_size=32, scaling_factor=scaling_factor, shift_factor=shift_factor,
+        use_quant_conv=quant_conv, use_post_quant_conv=quant_conv,
+    )
+
+
+# -- one builder per family ---------------------------------------------------------------------------------------
+def _sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel, T5Config
+
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
+    # CLIP-L/G hidden states (16 + 16) are zero-padded to the T5 width (48) as in SD3; pooled = 16 + 16
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=48, caption_projection_dim=32, pooled_projection_dim=32,
+            pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",  # SD3.5 layout
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3.5's static shift
+        vae=_vae_kl(scaling_factor=1.5305, shift_factor=0.0609, quant_conv=False),
+        text_encoder=CLIPTextModelWithProjection(_clip_text_config(len(clip), 16)),
+        tokenizer=clip,
+        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(len(clip), 16)),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=T5EncoderModel(_t5_config(T5Config, len(t5), 48)),
+        tokenizer_3=t5,
+    )
+
+
+def _flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
+    return FluxPipeline(
+        transformer=FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        # FLUX.1-dev's scheduler config: resolution-dependent shift mu
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_vae_kl(scaling_factor=0.3611, shift_factor=0.1159, quant_conv=False),
+        text_encoder=CLIPTextModel(_clip_text_config(len(clip), 16)),
+        tokenizer=clip,
+        text_encoder_2=T5EncoderModel(_t5_config(T5Config, len(t5), 32)),
+        tokenizer_2=t5,
+    )
+
+
+def _wan():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    t5 = t5_tokenizer()
+    return WanPipeline(
+        transformer=WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
+        vae=AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                             temperal_downsample=[False, True, True]),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=UMT5EncoderModel(_t5_config(UMT5Config, len(t5), 32)),
+        tokenizer=t5,
+    )
+
+
+def _sd15():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    clip = clip_tokenizer()
+    return StableDiffusionPipeline(
+        unet=UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
+            attention_head_dim=4,
+        ),
+        # SD1.5's own beta schedule, sampled with DDIM as DDPO does
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        vae=_vae_kl(scaling_factor=0.18215, shift_factor=None),
+        text_encoder=CLIPTextModel(_clip_text_config(len(clip), 32)),
+        tokenizer=clip,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+_BUILDERS = {"sd3": _sd3, "flux": _flux, "wan": _wan, "sd15": _sd15}
+
+
+def _check_family(family: str) -> None:
+    if family not in _BUILDERS:
+        raise ValueError(f"family={family!r} is not allowed. Allowed: {', '.join(FAMILIES)}")
+
+
+def build(family: str, out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Build the tiny ``family`` pipeline with weights seeded by ``seed`` and ``save_pretrained`` it to ``out_dir``."""
+    _check_family(family)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        pipe = _BUILDERS[family]()
+    pipe.save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+def cache_root() -> Path:
+    """``$FLOWALIGN_CACHE/tiny`` or ``~/.cache/flowalign/tiny``."""
+    base = os.environ.get("FLOWALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flowalign")
+    return Path(base) / "tiny"
+
+
+def cached(family: str) -> str:
+    """Path of the tiny ``family`` pipeline, built on first use (safe under parallel workers: atomic rename)."""
+    _check_family(family)
+    target = cache_root() / f"{family}-v{VERSION}"
+    if (target / "model_index.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
+    try:
+        build(family, tmp)
+        try:
+            os.rename(tmp, target)  # atomic; fails if another worker won the race
+        except OSError:
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

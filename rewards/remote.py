@@ -1,0 +1,139 @@
+"""``RemoteReward``: a reward scored by a ``flowalign rewards serve`` server (``get_reward("remote:http://...")``).
+
+Images travel as base64 ``.npy`` float32 (exact: remote scores equal local ones) or PNG (8-bit, smaller).
+Transport errors, 408/429 and 5xx are retried with exponential backoff ``min(max_backoff, backoff·2^k)`` (±10 %
+jitter); other 4xx are raised at once with the server's message (sending the same request again cannot help);
+after the last attempt a ``RemoteRewardError`` says how many attempts were made and what the last error was.
+Gradients do not cross HTTP: a remote reward is never differentiable.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import random
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowalign.rewards.base import REWARDS, Reward
+
+TOKEN_ENV = "FLOWALIGN_REWARD_TOKEN"
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class RemoteRewardError(RuntimeError):
+    """The server refused the request (``status`` set) or could not be reached after all retries."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def encode_images(images: Tensor, encoding: str = "npy") -> dict[str, Any]:
+    """``B,C,H,W``/``B,T,C,H,W`` float [0,1] -> the server's ``images`` field (``npy`` float32 or ``png``)."""
+    x = images.detach().cpu()
+    if encoding == "npy":
+        buf = io.BytesIO()
+        np.save(buf, x.float().numpy(), allow_pickle=False)
+        return {"format": "npy", "data": base64.b64encode(buf.getvalue()).decode("ascii")}
+    if encoding == "png":
+        from PIL import Image
+
+        def png(frame: Tensor) -> str:
+            a = (frame * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            buf = io.BytesIO()
+            Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format="PNG")
+            return base64.b64encode(buf.getvalue()).decode("ascii")
+
+        data = [[png(f) for f in v] for v in x] if x.ndim == 5 else [png(f) for f in x]
+        return {"format": "png", "data": data}
+    raise ValueError(f"encoding must be 'npy' or 'png', got {encoding!r}")
+
+
+@REWARDS.register("remote")
+class RemoteReward(Reward):
+    """Client of a reward server: ``RemoteReward("http://host:8000", token=...)(images, prompts)``.
+
+    ``token`` defaults to ``$FLOWALIGN_REWARD_TOKEN``; ``retries`` extra attempts after the first;
+    ``transport`` is an optional ``httpx`` transport (proxies, mocks in tests)."""
+
+    name = "remote"
+    differentiable = False
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 120.0, retries: int = 5,
+                 backoff: float = 0.5, max_backoff: float = 30.0, encoding: str = "npy",
+                 batch_size: int | None = 64, modality: str | None = None,
+                 device: str | torch.device = "cpu", transport: Any = None) -> None:
+        import httpx
+
+        super().__init__(device=device, batch_size=batch_size)
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"remote reward URL must start with http:// or https://, got {url!r}")
+        if encoding not in ("npy", "png"):
+            raise ValueError(f"encoding must be 'npy' or 'png', got {encoding!r}")
+        self.url = url.rstrip("/")
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.retries, self.backoff, self.max_backoff = int(retries), float(backoff), float(max_backoff)
+        self.encoding = encoding
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self.info: dict[str, Any] | None = None
+        if modality is not None:
+            self.modality = modality  # type: ignore[misc]
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict:
+        import httpx
+
+        attempts, last = self.retries + 1, ""
+        start = time.monotonic()
+        for k in range(attempts):
+            try:
+                r = self.client.request(method, self.url + path, **kwargs)
+                if r.status_code < 400:
+                    return r.json()
+                try:
+                    detail = r.json().get("detail", r.text)
+                except ValueError:
+                    detail = r.text
+                last = f"HTTP {r.status_code}: {detail}"
+                if r.status_code not in RETRY_STATUS:
+                    raise RemoteRewardError(f"reward server {self.url} refused the request: {last}", r.status_code)
+            except httpx.TransportError as e:
+                last = f"{type(e).__name__}: {e}"
+            if k + 1 < attempts:
+                delay = min(self.max_backoff, self.backoff * 2 ** k)
+                time.sleep(delay * random.uniform(0.9, 1.1))
+        raise RemoteRewardError(f"reward server {self.url}{path} failed after {attempts} attempts "
+                                f"({time.monotonic() - start:.1f} s); last error: {last}")
+
+    def health(self) -> dict:
+        """``GET /health`` (name, modality, differentiable of the served reward)."""
+        self.info = self._request("GET", "/health")
+        return self.info
+
+    def __call__(self, images=None, prompts: Sequence[str] | None = None, metadata: Sequence[dict] | None = None,
+                 **kwargs: Any) -> Tensor:
+        if "modality" not in vars(self):
+            self.modality = self.health()["modality"]  # type: ignore[misc]
+        return super().__call__(images, prompts, metadata, **kwargs)
+
+    def score(self, inputs: Any, prompts: list[str], metadata: list[dict]) -> Tensor:
+        body: dict[str, Any] = {"prompts": prompts, "metadata": metadata}
+        if self.modality == "text":
+            body["completions"] = list(inputs)
+        else:
+            body["images"] = encode_images(inputs, self.encoding)
+        out = self._request("POST", "/score", json=body)
+        scores = [float("nan") if s is None else s for s in out["scores"]]
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteReward(url={self.url!r}, modality={getattr(self, 'modality', None)!r})"
