@@ -18,6 +18,9 @@ sysdeps:
 	@command -v tesseract >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr >/dev/null; \
 	  else echo "tesseract-ocr is missing: sudo apt-get install tesseract-ocr"; fi; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: sudo apt-get install chromium"; fi; }
 
 test: install
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """Small shared helpers for the benchmark scripts: interleaved timing, medians, a table printer, a JSON writer.
 
-Interleaving (A, B, A, B, ...) rather than timing all of A then all of B spreads slow drifts of a shared machine
+Interleaving (A, B, B, A, ...) rather than timing all of A then all of B spreads slow drifts of a shared machine
 (other jobs, CPU frequency) over every contender; the median of the repeats ignores the odd outlier.
 """
 
@@ -11,8 +11,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -27,8 +28,10 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int = 5,
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
+    names = list(fns)
     for r in range(warmup + repeats):
-        for name, fn in fns.items():
+        for name in names if r % 2 == 0 else names[::-1]:  # ABBA order: no contender always runs first
+            fn = fns[name]
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -11,7 +11,7 @@ does ``--warmup`` steps, then times ``--steps`` steps and reports steps/s, compl
 per-phase breakdown. Loss equality is covered by ``tests/test_llm_parity.py`` (loss and gradients equal TRL's to
 1e-5 on the same batch); here we also log the reward curve of both runs.
 
-    OMP_NUM_THREADS=1 python benchmarks/llm_vs_trl.py --rounds 3 --steps 20
+    OMP_NUM_THREADS=1 python benchmarks/llm_vs_trl.py --rounds 3 --steps 20 [--with-trl-default-gc]
 """
 
 from __future__ import annotations
@@ -55,21 +55,22 @@ def worker_ours(warmup: int, steps: int) -> dict:
         tr.train_step()
     phases: dict[str, float] = {}
     rewards, tokens = [], 0
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(steps):
         m = tr.train_step()
         rewards.append(m["reward"])
         tokens += m["tokens"]
         for k in ("time/generate", "time/aux_logprobs", "time/train"):
             phases[k.split("/")[1]] = phases.get(k.split("/")[1], 0.0) + m[k]
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     phases["rewards+advantages+other"] = dt - sum(phases.values())
     return {"impl": "flowalign", "steps": steps, "seconds": dt, "steps_per_s": steps / dt,
+            "cpu_seconds": cpu, "steps_per_cpu_s": steps / cpu,
             "completion_tokens_per_s": tokens / dt, "mean_reward": sum(rewards) / len(rewards),
             "rewards": rewards, "phases_s_per_step": {k: v / steps for k, v in phases.items()}}
 
 
-def worker_trl(warmup: int, steps: int) -> dict:
+def worker_trl(warmup: int, steps: int, gradient_checkpointing: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -96,7 +97,7 @@ def worker_trl(warmup: int, steps: int) -> dict:
         gradient_accumulation_steps=1, num_generations=G, max_completion_length=MAX_NEW, temperature=1.0,
         beta=0.0, loss_type="grpo", scale_rewards="group", reward_weights=[1.0, 0.5], learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0,
-        max_grad_norm=1.0, gradient_checkpointing=False, bf16=False, use_cpu=True, logging_steps=1,
+        max_grad_norm=1.0, gradient_checkpointing=gradient_checkpointing, bf16=False, use_cpu=True, logging_steps=1,
         report_to=[], save_strategy="no", max_steps=warmup + steps, seed=SEED, disable_tqdm=True,
         dataloader_num_workers=0)
     tr = GRPOTrainer(model=model, reward_funcs=[arith_answer, arith_format], args=cfg, train_dataset=ds,
@@ -112,7 +113,7 @@ def worker_trl(warmup: int, steps: int) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            marks.append((time.perf_counter(), dict(phases)))
+            marks.append((time.perf_counter(), time.process_time(), dict(phases)))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "reward" in logs:
@@ -122,8 +123,8 @@ def worker_trl(warmup: int, steps: int) -> dict:
     loglist = logs
     tr.add_callback(Clock())
     tr.train()
-    (t_a, ph_a), (t_b, ph_b) = marks[warmup - 1], marks[-1]
-    dt = t_b - t_a
+    (t_a, c_a, ph_a), (t_b, c_b, ph_b) = marks[warmup - 1], marks[-1]
+    dt, cpu = t_b - t_a, c_b - c_a
     meas = logs[warmup:warmup + steps]
     tokens = sum(l["completions/mean_length"] * PROMPTS_PER_STEP * G for l in meas)
     ph = {k: (ph_b.get(k, 0.0) - ph_a.get(k, 0.0)) / steps for k in ph_b}
@@ -131,14 +132,17 @@ def worker_trl(warmup: int, steps: int) -> dict:
     ph["prep_other (tokenize, advantages, logging)"] = prep - ph.get("generate", 0.0) - ph.get("rewards", 0.0)
     ph["optimizer+trainer_other"] = dt / steps - prep - ph.get("train_forward_loss", 0.0) - ph.get(
         "train_backward", 0.0)
-    return {"impl": "trl", "steps": steps, "seconds": dt, "steps_per_s": steps / dt,
+    return {"impl": "trl_gc" if gradient_checkpointing else "trl", "steps": steps, "seconds": dt,
+            "steps_per_s": steps / dt, "cpu_seconds": cpu, "steps_per_cpu_s": steps / cpu,
             "completion_tokens_per_s": tokens / dt, "mean_reward": sum(l["reward"] for l in meas) / len(meas),
             "rewards": [l["reward"] for l in meas], "phases_s_per_step": ph}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", choices=["ours", "trl"])
+    ap.add_argument("--worker", choices=["ours", "trl", "trl_gc"])
+    ap.add_argument("--with-trl-default-gc", action="store_true",
+                    help="also run TRL with its default gradient_checkpointing=True (reported separately)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
@@ -148,13 +152,18 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
-        fn = worker_ours if args.worker == "ours" else worker_trl
-        print("RESULT " + json.dumps(fn(args.warmup, args.steps)))
+        if args.worker == "ours":
+            res = worker_ours(args.warmup, args.steps)
+        else:
+            res = worker_trl(args.warmup, args.steps, gradient_checkpointing=args.worker == "trl_gc")
+        print("RESULT " + json.dumps(res))
         return
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     runs = []
     for r in range(args.rounds):
         order = ["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]
+        if args.with_trl_default_gc:
+            order.insert(1, "trl_gc")
         for w in order:
             p = subprocess.run([sys.executable, __file__, "--worker", w, "--warmup", str(args.warmup),
                                 "--steps", str(args.steps)], env=env, capture_output=True, text=True)
@@ -164,7 +173,8 @@ def main() -> None:
             res = json.loads(line[0][7:])
             res["round"] = r
             runs.append(res)
-            print(f"round {r} {res['impl']:>9}: {res['steps_per_s']:.3f} steps/s, "
+            print(f"round {r} {res['impl']:>9}: {res['steps_per_s']:.3f} steps/s "
+                  f"({res['steps_per_cpu_s']:.3f} per CPU-s), "
                   f"{res['completion_tokens_per_s']:.0f} completion tok/s, reward {res['mean_reward']:.3f}",
                   flush=True)
 
@@ -172,12 +182,27 @@ def main() -> None:
         vals = sorted(x[key] for x in runs if x["impl"] == impl)
         return vals[len(vals) // 2]
 
+    impls = sorted({x["impl"] for x in runs})
     summary = {impl: {"steps_per_s_median": med(impl, "steps_per_s"),
-                      "completion_tokens_per_s_median": med(impl, "completion_tokens_per_s")}
-               for impl in ("flowalign", "trl")}
-    summary["speedup_steps_per_s"] = summary["flowalign"]["steps_per_s_median"] / summary["trl"]["steps_per_s_median"]
-    summary["speedup_tokens_per_s"] = (summary["flowalign"]["completion_tokens_per_s_median"]
-                                       / summary["trl"]["completion_tokens_per_s_median"])
+                      "completion_tokens_per_s_median": med(impl, "completion_tokens_per_s"),
+                      "phases_s_per_step_mean": {k: sum(x["phases_s_per_step"][k] for x in runs if x["impl"] == impl)
+                                                 / sum(x["impl"] == impl for x in runs)
+                                                 for k in next(x for x in runs if x["impl"] == impl)["phases_s_per_step"]}}
+               for impl in impls}
+    def paired(key, base):  # per-round ratio (both ran back to back under the same machine load), median
+        ratios = sorted(a[key] / b[key] for r in range(args.rounds)
+                        for a in runs if a["impl"] == "flowalign" and a["round"] == r
+                        for b in runs if b["impl"] == base and b["round"] == r)
+        return ratios[len(ratios) // 2]
+
+    for key in ("steps_per_cpu_s",):
+        for impl in impls:
+            summary[impl][key + "_median"] = med(impl, key)
+    summary["speedup_steps_per_s_paired_median"] = paired("steps_per_s", "trl")
+    summary["speedup_tokens_per_s_paired_median"] = paired("completion_tokens_per_s", "trl")
+    summary["speedup_steps_per_cpu_s_paired_median"] = paired("steps_per_cpu_s", "trl")
+    if "trl_gc" in summary:
+        summary["speedup_vs_trl_default_gc_steps_per_s_paired_median"] = paired("steps_per_s", "trl_gc")
     import torch
     import transformers
     import trl

@@ -26,6 +26,17 @@ from flowalign.eval.metrics import diversity, feature_fn, summarize
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _model_kwargs(items: Sequence[str]) -> dict:
+    """``["height=512", "num_frames=33"]`` -> ``{"height": 512, "num_frames": 33}`` (YAML scalars)."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. height=512")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def _reward_kwargs(items: Sequence[str]) -> dict[str, dict]:
     """``["clip_score.model=/ckpt/clip", "pickscore.batch_size=8"]`` -> ``{"clip_score": {"model": ..., ...}}``
     (values parsed as YAML scalars)."""
@@ -44,8 +55,12 @@ def eval_parser() -> argparse.ArgumentParser:
                                 "model and its LoRA checkpoints (same seeds, same initial noise), resumable.")
     p.add_argument("--model", required=True, help="base model: ADAPTER:PATH (e.g. sd3:/models/sd3.5m) or a diffusers "
                    "folder whose model_index.json names the pipeline")
-    p.add_argument("--lora", nargs="*", default=[], help="LoRA checkpoint folders (peft adapter_config.json + "
-                   "adapter_model.safetensors); each is one variant")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="adapter argument, e.g. height=512 or num_frames=33 (repeatable)")
+    p.add_argument("--lora", nargs="*", default=[], help="trained weights, one variant each: flowalign checkpoint "
+                   "folders (checkpoint-N/), peft folders or .safetensors files")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="use a checkpoint's raw weights.safetensors instead of its EMA weights")
     p.add_argument("--names", nargs="*", default=None, help="variant names: base first, then one per --lora")
     p.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or .jsonl ({'prompt': ...})")
     p.add_argument("--rewards", default="", help="comma-separated rewards from flowalign.rewards (or module:attr)")
@@ -85,7 +100,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             if name is not None and name not in rewards_list:
                 raise ValueError(f"{arg} {name!r} must be one of --rewards {rewards_list}")
         parse_seeds(args.seeds)
-        variants = variants_from_args(args.model, args.lora, args.names, args.device, DTYPES[args.dtype])
+        variants = variants_from_args(args.model, args.lora, args.names, args.device, DTYPES[args.dtype],
+                                      use_ema=not args.raw_weights, model_kwargs=_model_kwargs(args.model_arg))
         rewards = build_rewards(rewards_list, _reward_kwargs(args.reward_arg))
         embed = feature_fn(args.diversity, rewards)
     except ValueError as e:

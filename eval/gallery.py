@@ -85,10 +85,12 @@ def build_gallery(eval_dir: str | Path, out: str | Path | None = None, *, logs: 
     by_pair: dict[tuple[int, int], dict[str, dict]] = defaultdict(dict)
     for rec in records:
         by_pair[(rec["prompt_idx"], rec["seed"])][rec["variant"]] = rec
-    sort_keys = [f"r:{r}:{v}" for r in rewards for v in variants] + \
-                [f"g:{r}:{v}" for r in rewards for v in variants if v != base]
-    sort_labels = [f"{r} · {v}" for r in rewards for v in variants] + \
-                  [f"{r} gain · {v} − {base}" for r in rewards for v in variants if v != base]
+    # sort keys are opaque ids for the JS ("r:<reward>:<variant>", "g:..." for the gain over base); names may
+    # contain ":" (module:attr rewards), so the parts are kept alongside instead of parsed back
+    sorts = [("r", r, v) for r in rewards for v in variants] + [("g", r, v) for r in rewards for v in variants
+                                                                 if v != base]
+    sort_keys = [f"{k}:{r}:{v}" for k, r, v in sorts]
+    sort_labels = [f"{r} · {v}" if k == "r" else f"{r} gain · {v} − {base}" for k, r, v in sorts]
 
     table_rows, data_rows = [], []
     for (pidx, seed), cells in sorted(by_pair.items()):
@@ -114,8 +116,7 @@ def build_gallery(eval_dir: str | Path, out: str | Path | None = None, *, logs: 
                               "scores": scores})
         table_rows.append({"prompt": prompt, "prompt_idx": pidx, "seed": seed, "cells": row_cells})
         vals = []
-        for key in sort_keys:
-            kind, r, v = key.split(":", 2)
+        for kind, r, v in sorts:
             val = values.get((v, pidx, seed, r))
             if kind == "g":
                 b = values.get((base, pidx, seed, r))

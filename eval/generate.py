@@ -235,9 +235,10 @@ def run_eval(variants: "Sequence[Variant] | Mapping[str, Any]", prompts: "Sequen
              extra_config: Mapping[str, Any] | None = None) -> EvalResult:
     """Generate and score every ``(variant, prompt, seed)``; resumable when ``out_dir`` is given.
 
-    ``variants``: ``Variant`` objects, or a mapping ``name -> Adapter | zero-arg factory`` (a factory is called
-    only when something is left to generate, so a finished eval reloads no model). ``fingerprints`` names the
-    weights of mapping entries for the cache key; by default the trainable module's weights are hashed.
+    ``variants``: ``Variant`` objects, or a mapping ``name -> Adapter | zero-arg factory``. A ``Variant`` or a
+    factory with a given fingerprint is loaded only when something is left to generate, so a finished eval
+    reloads no model. ``fingerprints`` names the weights of mapping entries for the cache key; without one the
+    trainable module's weights are hashed (which loads the model).
     """
     records_in = as_prompt_records(prompts)
     seeds = parse_seeds(seeds)

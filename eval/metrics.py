@@ -49,8 +49,8 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, groups: Sequence | None =
 
     Each of ``n_resamples`` resamples draws ``G`` units with replacement (units = values, or the distinct
     ``groups`` labels when given, whose values all come along); its mean is ``sum / count`` of the drawn units.
-    The CI is the ``(1 - confidence)/2`` and ``(1 + confidence)/2`` quantiles of those means.
-    Deterministic for a given ``seed``.
+    The CI is the ``(1 - confidence)/2`` and ``(1 + confidence)/2`` quantiles of those means. With a single
+    group the values themselves are resampled. Deterministic for a given ``seed``.
     """
     x = np.asarray(values, dtype=np.float64).reshape(-1)
     if x.size == 0:
@@ -59,13 +59,15 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, groups: Sequence | None =
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if not isinstance(n_resamples, int) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
-    if groups is None:
-        sums, counts = x, np.ones_like(x)
-    else:
+    inv = None
+    if groups is not None:
         labels = np.asarray(groups)
         if labels.shape[0] != x.size:
             raise ValueError(f"groups has {labels.shape[0]} labels for {x.size} values")
         _, inv = np.unique(labels, return_inverse=True)
+    if inv is None or inv.max() == 0:  # one cluster says nothing about between-cluster spread: resample values
+        sums, counts = x, np.ones_like(x)
+    else:
         sums, counts = np.bincount(inv, weights=x), np.bincount(inv).astype(np.float64)
     g = sums.size
     rng = np.random.default_rng(seed)

@@ -17,10 +17,11 @@ used when present (the trainer's ``eval.use_ema`` default; flow_grpo saves EMA w
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -36,15 +37,38 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_
                        r"(?:\.(?P<name>[^.]+))?\.weight$")
 
 
-def load_adapter(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Adapter:
-    """The base adapter of ``"ADAPTER:PATH"`` or of a diffusers folder (matched on ``model_index.json``)."""
+def _import_adapter(name: str | None = None) -> None:
+    """Adapters register when their module is imported: import ``flowalign.pipelines.<name>`` (all when None)."""
+    import importlib
+    import pkgutil
+
+    import flowalign.pipelines as pkg
+
+    names = [name] if name else [m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in ("base", "tiny")]
+    for n in names:
+        try:
+            importlib.import_module(f"flowalign.pipelines.{n}")
+        except ImportError as e:  # a missing module or an optional dependency: that adapter is just unavailable
+            if name and e.name != f"flowalign.pipelines.{n}":
+                raise
+
+
+def load_adapter(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 **kwargs) -> Adapter:
+    """The base adapter of ``"ADAPTER:PATH"`` or of a diffusers folder (matched on ``model_index.json``).
+
+    ``kwargs`` (``--model-arg``) go to the adapter's constructor when it takes them (``height``, ``width``,
+    ``num_frames`` of the Wan adapter), the rest to ``from_pretrained`` (the trainer's ``model.kwargs``)."""
     name, sep, path = spec.partition(":")
+    if sep and name not in ADAPTERS and name.isidentifier():
+        _import_adapter(name)
     if sep and name in ADAPTERS:
         cls = ADAPTERS.get(name)
     else:
         path, cls = spec, None
         index = Path(spec) / "model_index.json"
         if index.is_file():
+            _import_adapter()
             class_name = json.loads(index.read_text()).get("_class_name")
             for n in ADAPTERS.names():
                 pc = getattr(ADAPTERS.get(n), "pipeline_class", None)
@@ -54,7 +78,14 @@ def load_adapter(spec: str, device: str | torch.device = "cpu", dtype: torch.dty
         if cls is None:
             raise ValueError(f"--model {spec!r}: cannot tell which adapter loads it; write 'ADAPTER:PATH' with "
                              f"ADAPTER one of {', '.join(ADAPTERS.names()) or '(none registered)'}")
-    return cls.from_pretrained(path, torch_dtype=dtype, device=device)
+    if getattr(cls.from_pretrained, "__func__", None) is not Adapter.from_pretrained.__func__ or not kwargs:
+        return cls.from_pretrained(path, torch_dtype=dtype, device=device, **kwargs)
+    own = set(inspect.signature(cls.__init__).parameters) - {"self", "pipe"}
+    init_kw = {k: v for k, v in kwargs.items() if k in own}
+    load_kw = {k: v for k, v in kwargs.items() if k not in own}
+    pipe = cls.pipeline_class.from_pretrained(path, torch_dtype=dtype, **load_kw)
+    pipe.set_progress_bar_config(disable=True)
+    return cls(pipe.to(device), **init_kw)
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,14 +182,15 @@ class Variant:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     use_ema: bool = True
+    model_kwargs: dict = field(default_factory=dict)
 
     def load(self) -> Adapter:
-        adapter = load_adapter(self.model, self.device, self.dtype)
+        adapter = load_adapter(self.model, self.device, self.dtype, **self.model_kwargs)
         return apply_lora(adapter, self.lora, self.use_ema) if self.lora else adapter
 
     def fingerprint(self) -> str:
         """Hash of what determines the weights: the spec, the local model's and the checkpoint's files."""
-        parts = {"model": self.model, "dtype": str(self.dtype), "ema": self.use_ema}
+        parts = {"model": self.model, "dtype": str(self.dtype), "ema": self.use_ema, "kwargs": self.model_kwargs}
         name, sep, rest = self.model.partition(":")
         local = Path(rest if sep and name in ADAPTERS else self.model)
         if local.exists():
@@ -169,7 +201,8 @@ class Variant:
 
 
 def variants_from_args(model: str, loras: Sequence[str] = (), names: Sequence[str] | None = None,
-                       device: str = "cpu", dtype: torch.dtype = torch.float32, use_ema: bool = True) -> list[Variant]:
+                       device: str = "cpu", dtype: torch.dtype = torch.float32, use_ema: bool = True,
+                       model_kwargs: dict | None = None) -> list[Variant]:
     """``base`` plus one variant per checkpoint, named by its folder (``names`` overrides, base first)."""
     auto = ["base"]
     for lora in loras:
@@ -185,8 +218,9 @@ def variants_from_args(model: str, loras: Sequence[str] = (), names: Sequence[st
     names = list(names) if names else auto
     if len(names) != len(auto) or len(set(names)) != len(names):
         raise ValueError(f"--names needs {len(auto)} distinct names (base + one per --lora), got {names}")
-    return [Variant(names[0], model, None, device, dtype, use_ema)] + [
-        Variant(n, model, str(lora), device, dtype, use_ema) for n, lora in zip(names[1:], loras)]
+    kw = dict(device=device, dtype=dtype, use_ema=use_ema, model_kwargs=dict(model_kwargs or {}))
+    return [Variant(names[0], model, None, **kw)] + [Variant(n, model, str(lora), **kw)
+                                                     for n, lora in zip(names[1:], loras)]
 
 
 def adapter_fingerprint(adapter: Adapter) -> str:

@@ -1,6 +1,6 @@
 """The trainer's periodic eval through ``flowalign.eval`` (no second implementation).
 
-Set ``eval.fn: flowalign.eval.trainer_eval:trainer_eval`` in a recipe. Every ``eval.every`` iterations the
+Set ``eval.fn: flowalign.eval:trainer_eval`` in a recipe. Every ``eval.every`` iterations the
 trainer (with the EMA weights swapped in when ``eval.use_ema``) calls ``trainer_eval(trainer)``, which samples
 ``eval.prompts`` deterministically (``evaluate``: per-prompt noise from ``torch.Generator().manual_seed(eval.seed)``
 -- the same noise at every iteration, so curves compare like with like), scores them with each component of the

@@ -1,7 +1,8 @@
 """``flowalign <command> ...``: a dispatch table of subcommands, each owning its own argparse parser.
 
     flowalign train recipes/sd35_pickscore.yaml train.lr=1e-4 sample.group_size=8 [--resume latest|DIR]
-    accelerate launch --num_processes 2 -m flowalign.cli train recipes/x.yaml ...   # multi-process
+    accelerate launch --num_processes 8 -m flowalign.cli train recipes/x.yaml ...   # multi-GPU
+    torchrun --standalone --nproc_per_node 2 -m flowalign.cli train recipes/x.yaml  # CPU processes (gloo)
     flowalign train --help-config                                                   # every key, type and help
 
 ``COMMANDS`` maps a name to ``("module:function", help)``; the function takes the remaining argv and returns an

@@ -245,6 +245,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 errors.append(e)
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false (mixed_precision: no)
+            value = "no"
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -179,8 +179,15 @@ class Trainer:
 
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
-        self.accelerator = acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        # accelerate only sets up a CPU (gloo) process group when asked for CPU; without it, torchrun on a
+        # machine without GPUs silently starts independent single-process runs
+        cpu = cfg.cpu or (launched > 1 and not _has_accelerator())
+        self.accelerator = acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
                                              log_with=cfg.log.trackers or None, project_dir=str(self.output_dir))
+        if acc.num_processes != launched:
+            raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate set up {acc.num_processes} "
+                               "process(es); check the launcher / accelerate config")
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise NotImplementedError(f"{acc.distributed_type} sharding is not supported yet; launch plain "
                                       "data-parallel (accelerate launch --multi_gpu / --cpu)")
@@ -471,6 +478,14 @@ class Trainer:
         self._elapsed_before = float(st.get("elapsed_s", 0.0))
         if "rng" in data:
             ckpt.set_rng_state(data["rng"])
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

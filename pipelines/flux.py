@@ -16,7 +16,7 @@ conditional one). The transformer gets ``timestep = sigma * 1000 / 1000`` in the
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

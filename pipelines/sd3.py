@@ -12,7 +12,7 @@ pipeline does, applied when ``guidance > 1`` (the pipeline's ``do_classifier_fre
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from diffusers import StableDiffusion3Pipeline

@@ -90,7 +90,7 @@ def _vae_kl(scaling_factor: float, shift_factor: float | None, quant_conv: bool 
 # -- one builder per family ---------------------------------------------------------------------------------------
 def _sd3():
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5EncoderModel, T5Config
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip, t5 = clip_tokenizer(), t5_tokenizer()
     # CLIP-L/G hidden states (16 + 16) are zero-padded to the T5 width (48) as in SD3; pooled = 16 + 16
@@ -212,6 +212,7 @@ def cached(family: str) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
     try:
         build(family, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is a normal folder
         try:
             os.rename(tmp, target)  # atomic; fails if another worker won the race
         except OSError:

@@ -96,3 +96,28 @@ def unique_prompts(prompts: Sequence[str]) -> tuple[list[str], Tensor]:
     uniq: dict[str, int] = {}
     idx = [uniq.setdefault(p, len(uniq)) for p in prompts]
     return list(uniq), torch.tensor(idx, dtype=torch.long)
+
+
+class TextFeatureCache:
+    """Bounded LRU cache of per-prompt text embeddings (the text tower is frozen; prompts repeat across a GRPO
+    group and across epochs). Keyed by prompt, dtype and device, so ``Reward.to`` invalidates nothing wrongly."""
+
+    def __init__(self, encode, max_size: int = 4096) -> None:
+        from collections import OrderedDict
+
+        self.encode, self.max_size = encode, max_size
+        self._store: "OrderedDict[tuple, Tensor]" = OrderedDict()
+
+    def __call__(self, prompts: Sequence[str], dtype: torch.dtype, device: torch.device) -> Tensor:
+        uniq, idx = unique_prompts(prompts)
+        missing = [p for p in uniq if (p, dtype, device) not in self._store]
+        if missing:
+            with torch.no_grad():
+                feats = self.encode(missing)
+            for p, f in zip(missing, feats):
+                self._store[(p, dtype, device)] = f
+            while len(self._store) > self.max_size:
+                self._store.popitem(last=False)
+        for p in uniq:
+            self._store.move_to_end((p, dtype, device))
+        return torch.stack([self._store[(p, dtype, device)] for p in uniq])[idx.to(device)]

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.rewards._image import clip_preprocess, unique_prompts
+from flowalign.rewards._image import TextFeatureCache, clip_preprocess
 from flowalign.rewards.base import REWARDS, Reward
 
 
@@ -72,6 +72,7 @@ class CLIPScore(Reward):
             pretrained = None
         self.model, self.tokenizer, self.preprocess_cfg = load_open_clip(model, pretrained, cache_dir)
         self.scale, self.clamp, self.dtype = float(scale), bool(clamp), dtype
+        self.text_cache = TextFeatureCache(self.text_features)
         self.to(self.device, dtype)
 
     @classmethod
@@ -95,9 +96,7 @@ class CLIPScore(Reward):
         return self.model.encode_text(tokens, normalize=True)
 
     def score(self, inputs: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
-        uniq, idx = unique_prompts(prompts)
-        with torch.no_grad():
-            txt = self.text_features(uniq)[idx.to(self.device)]
+        txt = self.text_cache(prompts, self.dtype, self.device)
         img = self.image_features(inputs)
         s = self.scale * (img * txt.to(img.dtype)).sum(-1)
         return s.clamp_min(0) if self.clamp else s

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, unique_prompts
+from flowalign.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TextFeatureCache, clip_preprocess
 from flowalign.rewards.base import REWARDS, Reward
 from flowalign.rewards.clip import freeze, open_clip_name
 
@@ -79,6 +79,7 @@ class HPSv2(Reward):
         self.tokenizer = open_clip.get_tokenizer(name)
         self.image_size = self.model.visual.image_size
         self.dtype = dtype
+        self.text_cache = TextFeatureCache(self.text_features)
         self.to(self.device, dtype)
 
     @classmethod
@@ -94,8 +95,6 @@ class HPSv2(Reward):
         return self.model.encode_text(self.tokenizer(list(prompts)).to(self.device), normalize=True)
 
     def score(self, inputs: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
-        uniq, idx = unique_prompts(prompts)
-        with torch.no_grad():
-            txt = self.text_features(uniq)[idx.to(self.device)]
+        txt = self.text_cache(prompts, self.dtype, self.device)
         img = self.model.encode_image(self.preprocess(inputs), normalize=True)
         return (img * txt.to(img.dtype)).sum(-1)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, unique_prompts
+from flowalign.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TextFeatureCache, clip_preprocess
 from flowalign.rewards.base import REWARDS, Reward
 from flowalign.rewards.clip import freeze
 
@@ -87,6 +87,7 @@ class PickScore(Reward):
         self.model, self.processor = load_hf_clip(model, processor, **hub_kwargs)
         self.transform = hf_image_transform(self.processor.image_processor)
         self.divisor, self.use_logit_scale, self.dtype = float(divisor), bool(use_logit_scale), dtype
+        self.text_cache = TextFeatureCache(self.text_features)
         self.to(self.device, dtype)
 
     @classmethod
@@ -105,9 +106,7 @@ class PickScore(Reward):
         return torch.nn.functional.normalize(features(self.model.get_image_features(pixel_values=px)), dim=-1)
 
     def score(self, inputs: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
-        uniq, idx = unique_prompts(prompts)
-        with torch.no_grad():
-            txt = self.text_features(uniq)[idx.to(self.device)]
+        txt = self.text_cache(prompts, self.dtype, self.device)
         img = self.image_features(inputs)
         s = (img * txt.to(img.dtype)).sum(-1)
         if self.use_logit_scale:

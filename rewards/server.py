@@ -46,6 +46,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from contextlib import asynccontextmanager
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flowalign.rewards.base import Reward, get_reward
 
@@ -331,13 +336,6 @@ def create_app(reward: Reward | str, token: str | None = None, max_payload_bytes
                timeout: float = 120.0, max_batch: int = 64, batch_window_ms: float = 5.0,
                max_image_pixels: int = 64 << 20):
     """The FastAPI app serving ``reward`` (see the module docstring for the protocol)."""
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     reward = get_reward(reward) if isinstance(reward, str) else reward
     batcher = Batcher(reward, int(max_batch or 0), max(0.0, batch_window_ms) / 1000.0)
 

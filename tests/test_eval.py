@@ -22,8 +22,8 @@ from flowalign.eval import (bootstrap_ci, evaluate, generate_images, initial_noi
                             reward_hacking, run_eval, summarize, verifier_accuracy, win_rate)
 from flowalign.eval.cli import eval_main, gallery_main
 from flowalign.eval.gallery import build_gallery
-from flowalign.eval.media import read_jsonl, video_info
-from flowalign.eval.models import Variant, apply_lora, variants_from_args
+from flowalign.eval.media import load_png, read_jsonl, video_info
+from flowalign.eval.models import apply_lora, variants_from_args
 from flowalign.eval.plots import plot_training_curves
 from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
 from flowalign.rewards.base import REWARDS, FunctionReward
@@ -112,7 +112,8 @@ def redness(images, prompts, metadata):
 
 def verifier(images, prompts, metadata):
     """Fraction of two checks passed: bright enough, red enough."""
-    return ((brightness(images, prompts, metadata) > 0.5).float() + (redness(images, prompts, metadata) > 0).float()) / 2
+    bright = (brightness(images, prompts, metadata) > 0.5).float()
+    return (bright + (redness(images, prompts, metadata) > 0).float()) / 2
 
 
 REWARDS.register("toy_bright", overwrite=True)(brightness)
@@ -236,7 +237,7 @@ def test_apply_lora_from_trainer_checkpoint(tmp_path, toy_dir):
 
 
 def test_trainer_periodic_eval_goes_through_flowalign_eval(tmp_path):
-    """eval.fn = flowalign.eval.trainer_eval:trainer_eval: the trainer's eval is this module's evaluate()."""
+    """eval.fn = flowalign.eval:trainer_eval: the trainer's eval is this module's evaluate()."""
     from flowalign.config import load_config
     from flowalign.rewards.base import Compose
     from flowalign.trainer import Trainer
@@ -245,7 +246,7 @@ def test_trainer_periodic_eval_goes_through_flowalign_eval(tmp_path):
                                  "lora": {"target_modules": ["proj", "conv"], "rank": 2}},
                        "sample": {"prompts": PROMPTS}, "reward": {"weights": {"toy_bright": 1.0}},
                        "eval": {"prompts": PROMPTS, "num_steps": 3, "seed": 7,
-                                "fn": "flowalign.eval.trainer_eval:trainer_eval"},
+                                "fn": "flowalign.eval:trainer_eval"},
                        "output_dir": str(tmp_path / "run"), "cpu": True})
     trainer = Trainer(cfg, adapter=make_toy(), reward_fn=Compose({"toy_bright": 1.0, "toy_red": 0.5}))
     logs = trainer.evaluate()
@@ -315,7 +316,8 @@ def test_evaluate_seam_for_trainer():
     res = evaluate(adapter, PROMPTS[:2], seeds=[0, 1], rewards=["toy_bright", "toy_red"], num_steps=4)
     logs = res.log_dict()
     assert set(logs) == {"eval/toy_bright", "eval/toy_red"}
-    assert logs["eval/toy_bright"] == pytest.approx(np.mean([r["value"] for r in res.rows if r["reward"] == "toy_bright"]))
+    bright = [r["value"] for r in res.rows if r["reward"] == "toy_bright"]
+    assert logs["eval/toy_bright"] == pytest.approx(np.mean(bright))
     assert adapter.net.training  # restored
     imgs = res.images()
     assert imgs.dtype == torch.uint8 and imgs.shape == (4, 3, 12, 12)
@@ -350,6 +352,7 @@ def test_bootstrap_ci_hand_computed():
     # cluster bootstrap: groups {a: [0, 0, 0], b: [1]} -> drawing 2 groups gives means 0 (1/4), 1/4 (1/2), 1 (1/4)
     ci = bootstrap_ci([0, 0, 0, 1], groups=["a", "a", "a", "b"], n_resamples=20_000)
     assert (ci.mean, ci.lo, ci.hi) == (0.25, 0.0, 1.0)
+    assert bootstrap_ci([0, 0, 0, 1], groups=["a"] * 4, n_resamples=20_000).hi == 0.75  # one group: resample values
     # normal theory: the 95% CI of a mean of n standard normals has half-width ~1.96/sqrt(n)
     x = np.random.default_rng(0).standard_normal(400)
     ci = bootstrap_ci(x)
@@ -395,7 +398,8 @@ def test_summary_accuracy_and_hacking_report():
     })
     s = summarize(rows, optimized="opt", held_out="held", n_resamples=5000)
     acc = s["accuracy"]["shapes_x"]
-    assert acc["base"]["strict"]["mean"] == pytest.approx(3 / 6) and acc["base"]["partial"]["mean"] == pytest.approx(4 / 6)
+    assert acc["base"]["strict"]["mean"] == pytest.approx(3 / 6)
+    assert acc["base"]["partial"]["mean"] == pytest.approx(4 / 6)
     assert acc["hacked"]["strict"]["mean"] == pytest.approx(5 / 6) and acc["honest"]["strict"]["mean"] == 1.0
     flags = {h["variant"]: h["flagged"] for h in s["hacking"]}
     assert flags == {"hacked": True, "honest": False}
@@ -478,3 +482,67 @@ def test_gallery_escapes_prompts(tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps(json.loads((tmp_path / "eval.json").read_text())))
     html = build_gallery(tmp_path, n_resamples=200).read_text()
     assert "<script>alert" not in html and "&lt;script&gt;alert" in html
+
+
+# ----------------------------------------------------------------------------------------- real diffusers classes
+def test_sd3_eval_image_equals_the_pipelines_own_output(tmp_path):
+    """Tiny real SD3 (random weights): the adapter is found from model_index.json, and the eval image of
+    (prompt, seed) is what ``pipe(prompt, generator=torch.Generator().manual_seed(seed))`` returns."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from flowalign.pipelines import tiny
+
+    path = tiny.cached("sd3")
+    pairs = [("a red circle", 0), ("a cat", 5)]
+    res = run_eval(variants_from_args(path), ["a red circle", "a cat"], [0, 5], ["toy_bright"], num_steps=4,
+                   out_dir=tmp_path, progress=False)
+    pipe = StableDiffusion3Pipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    by_pair = {(r["prompt"], r["seed"]): r for r in res.records}
+    for prompt, seed in pairs:
+        ref = pipe(prompt, num_inference_steps=4, guidance_scale=1.0, height=32, width=32, output_type="pt",
+                   generator=torch.Generator().manual_seed(seed)).images[0]
+        ours = load_png(tmp_path / by_pair[(prompt, seed)]["image"])
+        assert torch.equal(ours, (ref * 255).round().clamp(0, 255).to(torch.uint8))
+
+
+def test_wan_video_eval_writes_h264_with_poster(tmp_path):
+    """Tiny real Wan: adapter arguments via model_kwargs (--model-arg), frames scored as B,T,C,H,W, mp4 + poster."""
+    from flowalign.pipelines import tiny
+
+    variants = variants_from_args("wan:" + tiny.cached("wan"), model_kwargs={"height": 32, "width": 32,
+                                                                          "num_frames": 9})
+    reward = FunctionReward(brightness, name="bright", modality="video")
+    res = run_eval(variants, ["a red circle"], [0], [reward], num_steps=2, out_dir=tmp_path, fps=8, progress=False)
+    rec = res.records[0]
+    assert rec["kind"] == "video" and rec["size"] == [32, 32]
+    info = video_info(tmp_path / rec["image"])
+    assert (info["codec"], info["frames"], info["width"]) == ("h264", 9, 32)
+    assert info["duration_s"] == pytest.approx(9 / 8, abs=0.15)
+
+
+def test_cli_real_clip_reward_and_clip_diversity(tmp_path, toy_dir):
+    """A registered library reward with constructor arguments (--reward-arg) and CLIP-embedding diversity."""
+    from flowalign.rewards import tiny as tiny_rewards
+    from flowalign.rewards.base import get_reward
+
+    clip_dir = tiny_rewards.save_tiny_open_clip(tmp_path / "clip")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\n" + "\n".join(PROMPTS[:2]) + "\n\n")
+    out = tmp_path / "ev"
+    assert eval_main(["--model", f"toy_eval:{toy_dir}", "--prompts", str(prompts), "--rewards", "clip_score",
+                      "--reward-arg", f"clip_score.model={clip_dir}", "--diversity", "clip_score", "--seeds", "0-2",
+                      "--steps", "3", "--out", str(out), "--quiet", "--bootstrap", "500"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["diversity_features"] == "clip_score"
+    clip = get_reward("clip_score", model=str(clip_dir))
+    recs = read_jsonl(out / "images.jsonl")
+    per_prompt = []
+    for p in range(2):
+        imgs = torch.stack([load_png(out / r["image"]) for r in recs if r["prompt_idx"] == p]).float() / 255
+        per_prompt.append(pairwise_diversity(clip.image_features(imgs)))
+    assert metrics["diversity"]["base"]["mean"] == pytest.approx(np.mean(per_prompt), rel=1e-5)
+    rows = read_jsonl(out / "results.jsonl")
+    assert len(rows) == 6 and all(r["reward"] == "clip_score" for r in rows)
+    imgs = torch.stack([load_png(out / r["image"]) for r in rows]).float() / 255
+    torch.testing.assert_close(torch.tensor([r["value"] for r in rows]), clip(imgs, [r["prompt"] for r in rows]))

@@ -155,3 +155,46 @@ def test_cli_dispatches_llm_recipes(capsys):
     assert main(["train", "recipes/llm_grpo.yaml", "rollout.group_size=4", "--dry-run"]) == 0
     assert "group_size: 4" in capsys.readouterr().out
     assert main(["train", "recipes/llm_grpo.yaml", "algo.preset=ppo", "--dry-run"]) == 2
+
+
+def test_prefix_shared_logps_match_full_pass(embedded):
+    import copy
+
+    from flowalign.llm.rollout import token_logps_grouped
+
+    model, tok = embedded
+    ro = generate(model, tok, ["1+2=", "37+45=", "99+9=", "5+50="], group_size=4, max_new_tokens=8,
+                  generator=torch.Generator().manual_seed(3))
+    a, b = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+    lp, ent = token_logps(a, *args, entropy=True)
+    lp2, ent2 = token_logps_grouped(b, *args, group_size=4, micro_batch=8, entropy=True)
+    m = ro.completion_mask.bool()
+    assert (lp - lp2)[m].abs().max() < 1e-5 and (ent - ent2)[m].abs().max() < 1e-5
+    w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(0)) * ro.completion_mask
+    (lp * w).sum().backward()
+    (lp2 * w).sum().backward()
+    ga, gb = dict(a.named_parameters()), dict(b.named_parameters())
+    worst = max((ga[n].grad - gb[n].grad).abs().max().item() for n in ga)
+    assert worst < 1e-5 * max(ga[n].grad.abs().max().item() for n in ga)
+    with pytest.raises(ValueError, match="multiple of group_size=4"):
+        token_logps_grouped(b, *args, group_size=4, micro_batch=6)
+
+
+def test_zero_advantage_skip_is_exact(tmp_path, monkeypatch):
+    from flowalign.llm.trainer import LLMTrainer
+
+    def fake_score(self, ro, answers):  # groups 0 and 2 all-equal (A == 0), groups 1 and 3 mixed
+        r = torch.tensor([[1.0, 1, 1, 1], [1, 0, 0, 1], [0, 0, 0, 0], [0, 1, 1, 1]]).reshape(-1)
+        return torch.stack([r, torch.zeros_like(r)], 1)
+
+    monkeypatch.setattr(LLMTrainer, "score", fake_score)
+    params = []
+    for skip in (True, False):
+        tr = LLMTrainer(_cfg(tmp_path / str(skip), "algo.beta=0.0", f"train.skip_zero_advantage={skip}",
+                             "train.micro_batch=8"))
+        m = tr.train_step()
+        assert m["zero_adv_groups_skipped"] == (2 if skip else 0)
+        params.append(tr.policy.state_dict())
+    worst = max((params[0][k] - params[1][k]).abs().max().item() for k in params[0])
+    assert worst < 1e-6

@@ -124,6 +124,7 @@ class OptimCfg:
 class TrainCfg:
     steps: int = 100  # optimizer-step rounds (generation batches)
     micro_batch: int = 128  # rows per forward/backward; losses use step-level normalisers (exact accumulation)
+    skip_zero_advantage: bool = True  # no forward/backward for groups with A == 0 everywhere (exact when no KL/entropy)
     prefix_sharing: bool = True  # run each prompt once per group in the training forward (whole-group micro-batches)
     eval_every: int = 0  # held-out evaluation period in steps (0 = only at start and end)
     eval_prompts: int = 256  # held-out prompts per evaluation

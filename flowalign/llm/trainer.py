@@ -169,6 +169,12 @@ class LLMTrainer:
         return (self.cfg.train.prefix_sharing and not self.cfg.model.gradient_checkpointing
                 and self.cfg.train.micro_batch >= G)
 
+    def _skip_zero_adv(self) -> bool:
+        a = self.cfg.algo
+        # single process only: under DDP every rank must run the same number of backward passes
+        return (self.cfg.train.skip_zero_advantage and (a.beta == 0 or a.kl_in_reward) and not a.entropy_coef
+                and self.acc.num_processes == 1)
+
     def _micro(self, rows: Tensor, G: int) -> list[Tensor]:
         """Split row indices into micro-batches; whole groups when prefix sharing is on."""
         mb = self.cfg.train.micro_batch
@@ -197,8 +203,35 @@ class LLMTrainer:
                         refs.append(self._logps(self.model, ro, r)[0])
         return (torch.cat(olds) if old else None), (torch.cat(refs) if ref else None)
 
+    BATCH_STAT_ESTIMATORS = ("batch_std", "gdpo", "reinforce_pp")
+
     def advantages(self, R: Tensor, group_size: int, ro: Rollout | None = None, kl: Tensor | None = None) -> Tensor:
-        """Advantages ``[B]`` (or ``[B, C]`` for REINFORCE++ with per-token KL in the reward)."""
+        """Advantages ``[B]`` (or ``[B, C]`` for REINFORCE++ with per-token KL in the reward).
+
+        Group statistics are local (a group never straddles processes); estimators with batch statistics see
+        the rewards of all processes (gathered; equal batch sizes per process, so not with dynamic sampling).
+        """
+        P = self.acc.num_processes
+        if P > 1 and self.cfg.algo.advantage in self.BATCH_STAT_ESTIMATORS and not self.cfg.algo.kl_in_reward:
+            if self.cfg.algo.dynamic_sampling:
+                raise ValueError(f"algo.advantage={self.cfg.algo.advantage!r} needs equal batches per process; "
+                                 "it cannot be combined with algo.dynamic_sampling on several processes")
+            n = len(R)
+            R_all = self.acc.gather(R.to(self.acc.device)).cpu()
+            ro_all = None
+            if ro is not None and self.cfg.algo.advantage == "reinforce_pp":
+                lengths = self.acc.gather(ro.lengths.to(self.acc.device)).cpu()
+                kw = dict(self.cfg.algo.advantage_kwargs)
+                kw.setdefault("weights", lengths.float())
+                A_all = ADVANTAGES.get("reinforce_pp")(R_all @ torch.tensor(self.weights, dtype=R.dtype),
+                                                       group_size, **kw)
+            else:
+                A_all = self._advantages_local(R_all, group_size, ro_all, None)
+            r = self.acc.process_index
+            return A_all[r * n:(r + 1) * n]
+        return self._advantages_local(R, group_size, ro, kl)
+
+    def _advantages_local(self, R: Tensor, group_size: int, ro: Rollout | None, kl: Tensor | None) -> Tensor:
         a = self.cfg.algo
         w = torch.tensor(self.weights, dtype=R.dtype)
         kw = dict(a.advantage_kwargs)
@@ -274,6 +307,7 @@ class LLMTrainer:
         acc_stats: dict[str, list] = {}
         grad_norms, losses = [], []
         G = ro.group_size
+        skipped = 0
         shuffle = a.num_iterations > 1 or a.mini_batches > 1
         for _ in range(a.num_iterations):
             # shuffle whole groups (keeps prompt sharing possible); rows of a group stay together
@@ -288,7 +322,14 @@ class LLMTrainer:
                 n_seq, n_tok = float(counts[0]) / P, float(counts[1]) / P
                 self.opt.zero_grad(set_to_none=True)
                 total = 0.0
-                micro = self._micro(chunk, G)
+                if self._skip_zero_adv():
+                    # groups whose advantages are all 0 add exactly 0 to the loss and its gradient (no KL/entropy
+                    # term): skip their forward/backward; the normalisers above still count them
+                    a_rows = A[chunk].reshape(len(gchunk), G, -1)
+                    live = (a_rows != 0).flatten(1).any(1)
+                    skipped += int((~live).sum())
+                    chunk = chunk.reshape(len(gchunk), G)[live].flatten()
+                micro = self._micro(chunk, G) if len(chunk) else []
                 for k, mb in enumerate(micro):
                     ctx = self.acc.no_sync(self.model) if (P > 1 and k < len(micro) - 1) else nullcontext()
                     with ctx:
@@ -308,6 +349,9 @@ class LLMTrainer:
                     total += out.loss.item()
                     for key, v in out.metrics.items():
                         acc_stats.setdefault(key, []).append((v, len(mb)))
+                for p in self.model.parameters():  # all groups skipped: zero grads keep AdamW's step identical
+                    if p.requires_grad and p.grad is None:
+                        p.grad = torch.zeros_like(p)
                 gn = self.acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm) \
                     if cfg.optim.max_grad_norm else torch.tensor(float("nan"))
                 self.opt.step()
@@ -315,7 +359,8 @@ class LLMTrainer:
                 grad_norms.append(float(gn))
                 losses.append(total)
         stats = {k: sum(v * m for v, m in vs) / sum(m for _, m in vs) for k, vs in acc_stats.items()}
-        stats.update({"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms)})
+        stats.update({"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
+                      "zero_adv_groups_skipped": skipped / max(1, a.num_iterations)})
         return stats
 
     # ---------------------------------------------------------------- evaluation, logs, checkpoints

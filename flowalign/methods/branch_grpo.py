@@ -220,9 +220,9 @@ class BranchGRPO(FlowGRPO):
             keep = T.depth_prune(tr, depths)
             if pruning and o["width_pruning"]:
                 keep &= T.width_prune(tr, adv, o["width_pruning"], float(o["width_pruning_ratio"]))
-            live = ~drop[tree0 + n * per_chunk + tr.tree]  # zero-std trees are not trained
+            live = ~drop[tree0 + n * per_chunk + tr.tree]  # zero-std trees are not trained (dropped as units)
             sde_edges += len(T.transitions(tr, adv, live))
-            e = T.transitions(tr, adv, keep & live)
+            e = T.transitions(tr, adv, keep)
             e.parent, e.child, e.tree = e.parent + offset, e.child + offset, e.tree + n * per_chunk
             edges.append(e)
             offset += tr.num_nodes
@@ -231,10 +231,10 @@ class BranchGRPO(FlowGRPO):
         cat = T.Transitions(*(torch.cat([getattr(e, f) for e in edges]) for f in T.Transitions.__dataclass_fields__))
         self._tree_store = _TreeStore(latents=torch.cat([tr.latents for tr in trees]), cond=cond_all,
                                       sigmas=trees[0].sigmas, edges=cat)
-        batches, num_updates, units = self._tree_batches(it, tree0, n_mine * per_chunk, drop)
+        batches, num_updates, units, trained = self._tree_batches(it, tree0, n_mine * per_chunk, drop)
 
         # metrics: global sums over processes
-        vec = torch.tensor([float(nfe), float(len(cat)), float(units), float(sde_edges),
+        vec = torch.tensor([float(nfe), float(trained), float(units), float(sde_edges),
                             float(offset)], dtype=torch.float64, device=rt.device)
         g = rt.gather(vec.view(1, -1)).view(-1, 5).sum(0).cpu()
         leaves = float(total.numel())
@@ -254,9 +254,9 @@ class BranchGRPO(FlowGRPO):
         return Collected(batches=batches, num_updates=num_updates, metrics=metrics, timings=timings,
                          num_samples=int(local_total.numel()), images=trees[0].images)
 
-    def _tree_batches(self, it: int, tree0: int, n_trees: int, drop: Tensor) -> tuple[list[Batch], int, int]:
+    def _tree_batches(self, it: int, tree0: int, n_trees: int, drop: Tensor) -> tuple[list[Batch], int, int, int]:
         """Units (a parent + its kept children) shuffled with a shared seed over all processes' trees, split into
-        updates; returns this process's micro-batches, the update count and this process's unit count.
+        updates; returns this process's micro-batches, the update count and this process's unit and edge counts.
 
         Unit ``j`` of tree ``t`` has the same step and edge count in every tree (pruning keeps structural counts),
         so ``(t, j)`` names the same work on every process; the per-update edge totals are still summed over
@@ -272,18 +272,18 @@ class BranchGRPO(FlowGRPO):
             rows = torch.nonzero(e.tree == lt).flatten()
             parents, inverse = torch.unique_consecutive(e.parent[rows], return_inverse=True)
             units_of_tree.append([rows[inverse == u] for u in range(len(parents))])
-        counts = {len(u) for lt, u in enumerate(units_of_tree) if not bool(drop[tree0 + lt])}
+        counts = {len(u) for u in units_of_tree}
         if len(counts) > 1:  # pragma: no cover - pruning keeps counts structural
             raise RuntimeError(f"trees have different numbers of training units: {sorted(counts)}")
-        upt = counts.pop() if counts else 0
-        kept = (~drop).nonzero().flatten()
+        upt = counts.pop()
+        kept = (~drop).nonzero().flatten()  # zero-std trees (known on every process from the gathered rewards)
         total_units = len(kept) * upt
         if total_units == 0:
-            return [], 0, 0
+            return [], 0, 0, 0
         U = min(t.updates_per_iteration, total_units)
         ids = (kept.view(-1, 1) * upt + torch.arange(upt).view(1, -1)).flatten()  # global unit ids
         mbs = self.cfg.train_batch_size
-        batches, mine_total = [], 0
+        batches, mine_total, mine_edges = [], 0, 0
         for ep in range(t.num_inner_epochs):
             perm = ids[torch.randperm(len(ids), generator=generator(self.cfg.seed, "shuffle", it, ep))] \
                 if t.shuffle else ids
@@ -296,7 +296,9 @@ class BranchGRPO(FlowGRPO):
                 units = [units_of_tree[int(a) - tree0][int(b)] for a, b in zip(gt[mine], j[mine])]
                 local_edges[u] = sum(len(x) for x in units)
                 mine_parts.append(units)
-                mine_total += len(units) if ep == 0 else 0
+                if ep == 0:
+                    mine_total += len(units)
+                    mine_edges += int(local_edges[u])
             glob = rt.gather(local_edges.to(rt.device).view(1, -1)).view(-1, U).sum(0).cpu()
             for u, units in enumerate(mine_parts):
                 by_step: dict[int, list[Tensor]] = {}
@@ -312,7 +314,7 @@ class BranchGRPO(FlowGRPO):
                         if x is not None:
                             cur.append(x)
                             n += len(x)
-        return batches, t.num_inner_epochs * U, mine_total
+        return batches, t.num_inner_epochs * U, mine_total, mine_edges
 
     # ------------------------------------------------------------------------------------------ loss
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:

@@ -67,7 +67,7 @@ def reward_parts(reward_fn, images: Tensor, prompts: list[str], metadata: list[d
 def best_worst(adv: Tensor, group_size: int, k: int) -> Tensor:
     """Bool ``[B]``: per group the ``k // 2`` highest- and ``k - k // 2`` lowest-advantage rows (DanceGRPO
     ``--bestofn``, ``train_grpo_hunyuan.py``: advantages use the whole group, only the extremes are trained)."""
-    order = adv.view(-1, group_size).argsort(1, stable=True)
+    order = torch.argsort(adv.view(-1, group_size), dim=1, stable=True)
     mask = torch.zeros_like(order, dtype=torch.bool)
     mask.scatter_(1, order[:, : k - k // 2], True)
     mask.scatter_(1, order[:, group_size - k // 2:], True)
@@ -237,7 +237,10 @@ class FlowGRPO(Method):
                    "group_reward_std_mean": float(total.reshape(-1, G).std(1).mean()) if G > 1 else 0.0,
                    "trained_steps": len(plan.trained_indices()),
                    "sde_window_start": int(plan.sde.nonzero()[0]) if plan.sde.any() else -1,
-                   "kept_frac": float(keep.float().mean())}
+                   "kept_frac": float(keep.float().mean()),
+                   # denoiser rows per sample while sampling / training (comparable to branch_grpo's per-leaf NFE)
+                   "nfe_per_leaf": float(trajs[0].num_steps),
+                   "train_nfe_per_leaf": len(plan.trained_indices()) * float(keep.float().mean())}
         for j, k in enumerate(names):
             metrics[f"reward_{k}_mean"] = float(parts[:, j].mean())
             metrics[f"reward_{k}_std"] = float(parts[:, j].std()) if len(parts) > 1 else 0.0

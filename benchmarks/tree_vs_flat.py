@@ -1,0 +1,218 @@
+"""BranchGRPO tree rollouts vs flat Flow-GRPO / DanceGRPO / MixGRPO at equal leaf count (issue 6).
+
+One *iteration* is one ``Trainer.step()``: sampling, rewards, advantages and every optimizer update of the round.
+All variants sample ``--prompts`` prompts x 16 leaves (samples) per prompt with 10 denoising steps and train with
+the same denoiser batch cap (16 rows), learning rate and clip range; they differ only in what the issue compares:
+
+=====================  ==========================================================================================
+flow_grpo              flat, flow_sde a=0.7, independent x_T, first 9 of 10 steps trained (flow_grpo default)
+dance_grpo             flat, dance eta=0.3, shared x_T per group, a random 60% of the first 9 steps trained
+mix_grpo               flat, flow_sde a=0.7, SDE/trained window of 4 sliding steps, ODE outside (MixGRPO)
+branch_grpo            tree, dance eta=0.3, splits at steps 0, 2, 4, 6 into 2 -> 16 leaves, every edge trained
+branch_grpo_deppru     + depth pruning: edges into depths 9 and 10 are not trained
+branch_grpo_widpru     + width pruning: below the last split, only the best half of the branches is trained
+branch_grpo_mix        + Mix: SDE on steps 0-3 and the split steps, ODE elsewhere (reference: fixed first window)
+=====================  ==========================================================================================
+
+Reported per variant (medians over interleaved repeats, ``benchmarks/common.py``): denoiser NFE per leaf while
+sampling and while training (rows through the transformer; a split evaluates its parent once, siblings share the
+parent's forward in training), wall and CPU seconds per iteration, and the ratios to flat Flow-GRPO and DanceGRPO.
+``--equal-time S`` then trains every variant for ``S`` seconds of its own iteration time (round-robin, so drifts of
+the shared machine hit all alike) and reports the held-out ODE reward reached.
+
+    python benchmarks/tree_vs_flat.py --models flux shapes --repeats 3 --equal-time 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import format_table, interleaved, median, write_json  # noqa: E402
+
+LEAVES, STEPS = 16, 10
+FLAT = {"flow_grpo": {"kernel": "flow_sde", "noise_level": 0.7, "schedule": "all",
+                      "schedule_options": {"fraction": 0.99}},
+        "dance_grpo": {"kernel": "dance", "noise_level": 0.3, "same_noise": True, "schedule": "subsample",
+                       "schedule_options": {"fraction": 0.6}},
+        "mix_grpo": {"kernel": "flow_sde", "noise_level": 0.7, "schedule": "sliding",
+                     "schedule_options": {"size": 4, "stride": 1, "shift_interval": 5}}}
+TREE_SAMPLE = {"kernel": "dance", "noise_level": 0.3, "schedule": "branch",
+               "schedule_options": {"branch_steps": [0, 2, 4, 6]}}
+TREE = {"branch_grpo": {},
+        "branch_grpo_deppru": {"depth_pruning": [9, 10]},
+        "branch_grpo_widpru": {"width_pruning": "best"},
+        "branch_grpo_mix": {"mix": {"schedule": "window", "size": 4, "lo": 0, "hi": 4}}}
+VARIANTS = list(FLAT) + list(TREE)
+
+
+def model_section(model: str) -> tuple[dict, dict, list[str], list[str]]:
+    """(model, reward) config sections and train / eval prompts for ``flux`` (tiny FLUX + redness) or ``shapes``."""
+    if model == "flux":
+        from flowalign.pipelines import tiny
+
+        prompts = ["a red apple", "a red car", "a red rose", "a red sky", "a red house", "a red bird"]
+        return ({"adapter": "flux", "path": tiny.cached("flux"), "kwargs": dict(tiny.RESOLUTION["flux"]),
+                 "lora": {"rank": 8}}, {"weights": {"redness": 1.0}}, prompts, ["a red boat", "a red door"])
+    if model == "shapes":
+        from flowalign import shapes  # the shapes world (flowalign/shapes.py, pipelines/shapes.py)
+
+        weights = Path(__file__).resolve().parents[1] / "pipelines" / "weights" / "shapes"
+        train, test = shapes.prompts("train"), shapes.prompts("test")
+        return ({"adapter": "shapes", "path": str(weights), "lora": {"rank": 8}},
+                {"weights": {"shapes": 1.0}}, list(train), list(test)[:16])
+    raise ValueError(f"model={model!r} is not allowed. Allowed: flux, shapes")
+
+
+def make_config(model: str, variant: str, prompts_per_round: int, seed: int = 0):
+    from flowalign.config import load_config
+
+    model_cfg, reward, prompts, eval_prompts = model_section(model)
+    tree = variant in TREE
+    sample = {"prompts": prompts, "prompts_per_round": prompts_per_round, "group_size": LEAVES, "num_steps": STEPS,
+              "guidance": 1.0, "batch_size": LEAVES, **(TREE_SAMPLE if tree else FLAT[variant])}
+    train = {"method": "branch_grpo" if tree else "flow_grpo", "lr": 1e-2, "clip_range": 1e-2, "train_cfg": False,
+             "updates_per_iteration": 2, "batch_size": LEAVES, "method_options": TREE.get(variant, {})}
+    return load_config({"model": model_cfg, "sample": sample, "reward": {**reward, "background": False},
+                        "train": train, "ema": {"enabled": False}, "seed": seed,
+                        "eval": {"prompts": eval_prompts, "num_steps": STEPS, "batch_size": 16},
+                        "checkpoint": {"save_final": False}, "log": {"progress": False},
+                        "output_dir": f"outputs/bench_tree_vs_flat/{model}/{variant}", "max_iterations": 10**6})
+
+
+class NFECounter:
+    """Counts denoiser rows by phase: wraps ``adapter.predict`` and the method's ``collect`` / ``loss``."""
+
+    def __init__(self, trainer) -> None:
+        self.rows = {"sample": 0, "train": 0}
+        self.phase = "sample"
+        adapter, method = trainer.adapter, trainer.method
+        predict, collect, loss = adapter.predict, method.collect, method.loss
+
+        def counted_predict(x, *a, **k):
+            self.rows[self.phase] += x.shape[0]
+            return predict(x, *a, **k)
+
+        def counted_collect(*a, **k):
+            self.phase = "sample"
+            return collect(*a, **k)
+
+        def counted_loss(*a, **k):
+            self.phase = "train"
+            return loss(*a, **k)
+
+        adapter.predict, method.collect, method.loss = counted_predict, counted_collect, counted_loss
+
+    def take(self) -> dict[str, int]:
+        out, self.rows = self.rows, {"sample": 0, "train": 0}
+        return out
+
+
+def per_iteration(model: str, prompts: int, repeats: int) -> tuple[list[dict], dict]:
+    from flowalign.trainer import Trainer
+
+    trainers, counters, records = {}, {}, {v: [] for v in VARIANTS}
+    for v in VARIANTS:
+        trainers[v] = Trainer(make_config(model, v, prompts))
+        counters[v] = NFECounter(trainers[v])
+
+    def run(v):
+        def fn():
+            rec = trainers[v].step()
+            records[v].append({**rec, **{f"nfe_{k}": n for k, n in counters[v].take().items()}})
+        return fn
+
+    times = interleaved({v: run(v) for v in VARIANTS}, repeats=repeats, warmup=1)
+    rows = []
+    leaves = prompts * LEAVES
+    for v in VARIANTS:
+        recs = records[v][1:]  # drop the warm-up round
+        row = {"variant": v, "sample_nfe_per_leaf": median([r["nfe_sample"] for r in recs]) / leaves,
+               "train_nfe_per_leaf": median([r["nfe_train"] for r in recs]) / leaves,
+               "wall_s": median(times[v]["wall"]), "cpu_s": median(times[v]["cpu"]),
+               "sample_s": median([r["time/collect"] for r in recs]), "train_s": median([r["time/train"] for r in recs])}
+        if v in TREE:
+            row["trained_edges_per_tree"] = median([r["trained_edges_per_tree"] for r in recs])
+            row["pruned_frac"] = median([r["pruned_frac"] for r in recs])
+        row["nfe_per_leaf"] = row["sample_nfe_per_leaf"] + row["train_nfe_per_leaf"]
+        rows.append(row)
+    by = {r["variant"]: r for r in rows}
+    for r in rows:
+        for base in ("flow_grpo", "dance_grpo"):
+            r[f"nfe_vs_{base}"] = r["nfe_per_leaf"] / by[base]["nfe_per_leaf"]
+            r[f"wall_vs_{base}"] = r["wall_s"] / by[base]["wall_s"]
+    for t in trainers.values():
+        t.method.close()
+    return rows, {"repeats": repeats, "raw_wall": {v: times[v]["wall"] for v in VARIANTS}}
+
+
+def equal_time(model: str, prompts: int, seconds: float, variants: list[str]) -> list[dict]:
+    """Train each variant for ``seconds`` of its own iteration time, round-robin; eval reward before and after."""
+    from flowalign.trainer import Trainer
+
+    trainers = {v: Trainer(make_config(model, v, prompts)) for v in variants}
+    spent = {v: 0.0 for v in variants}
+    start = {v: trainers[v].evaluate()["eval/reward"] for v in variants}
+    while any(spent[v] < seconds for v in variants):
+        for v in variants:
+            if spent[v] < seconds:
+                t0 = time.perf_counter()
+                trainers[v].step()
+                spent[v] += time.perf_counter() - t0
+    rows = []
+    for v in variants:
+        end = trainers[v].evaluate()["eval/reward"]
+        rows.append({"variant": v, "seconds": spent[v], "iterations": trainers[v].state.iteration,
+                     "eval_reward_start": start[v], "eval_reward_end": end, "gain": end - start[v]})
+        trainers[v].method.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["flux", "shapes"])
+    ap.add_argument("--prompts", type=int, default=2, help="prompts (trees) per iteration")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--equal-time", type=float, default=0.0, help="seconds of training per variant (0 = skip)")
+    ap.add_argument("--equal-time-model", default="shapes")
+    ap.add_argument("--equal-time-variants", nargs="+",
+                    default=["flow_grpo", "dance_grpo", "branch_grpo", "branch_grpo_deppru"])
+    ap.add_argument("--out", default="tree_vs_flat")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    results: dict = {"leaves_per_prompt": LEAVES, "num_steps": STEPS, "prompts_per_iteration": args.prompts,
+                     "variants": {**{k: {"sample": v} for k, v in FLAT.items()},
+                                  **{k: {"sample": TREE_SAMPLE, "method_options": v} for k, v in TREE.items()}},
+                     "per_iteration": {}, "paper": {"danceGRPO_s": 698, "branchGRPO_pruned_s": 314,
+                                                    "branchGRPO_mix_s": 148, "ratio_pruned": 314 / 698,
+                                                    "ratio_mix": 148 / 698}}
+    for model in args.models:
+        if model == "shapes" and importlib.util.find_spec("flowalign.pipelines.shapes") is None:
+            print("shapes model not available (pipelines/shapes.py); skipped", file=sys.stderr)
+            continue
+        rows, raw = per_iteration(model, args.prompts, args.repeats)
+        results["per_iteration"][model] = {"rows": rows, **raw}
+        print(f"\n## {model}: per iteration ({args.prompts} prompts x {LEAVES} leaves, {STEPS} steps)\n")
+        print(format_table(rows, ["variant", "sample_nfe_per_leaf", "train_nfe_per_leaf", "nfe_per_leaf", "wall_s",
+                                  "cpu_s", "nfe_vs_flow_grpo", "wall_vs_flow_grpo", "nfe_vs_dance_grpo",
+                                  "wall_vs_dance_grpo"]))
+    if args.equal_time > 0:
+        model = args.equal_time_model
+        if model == "shapes" and importlib.util.find_spec("flowalign.pipelines.shapes") is None:
+            model = "flux"
+        rows = equal_time(model, args.prompts, args.equal_time, args.equal_time_variants)
+        results["equal_time"] = {"model": model, "seconds": args.equal_time, "rows": rows}
+        print(f"\n## {model}: held-out ODE reward after {args.equal_time:.0f} s of training each\n")
+        print(format_table(rows))
+    path = write_json(args.out, results)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

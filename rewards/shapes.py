@@ -1,0 +1,247 @@
+"""Rewards of the shapes world: a programmatic GenEval-style verifier and a differentiable proxy.
+
+``shapes_geneval`` (pixels only, no network):
+
+1. *Segmentation.* The background ``b`` is the median of the border pixels. A pixel ``p`` is read as a mix of the
+   background and palette color ``c``: coverage ``alpha_c = <p - b, c - b> / |c - b|^2`` and residual
+   ``r_c = |p - b - alpha_c (c - b)|`` (RGB in [0, 1]). It is labelled ``argmin_c r_c`` over colors with
+   ``alpha_c >= 1/2`` (more than half covered: the right cut for anti-aliased edges) and ``r_c <= color_threshold``;
+   otherwise background / unlabelled (mud).
+2. *Objects.* Connected components (4-connectivity, ``scipy.ndimage.label``) of each color mask with at least
+   ``min_area`` pixels (default ``WorldConfig.min_area``, 30% of the smallest triangle).
+3. *Shape.* Each component is compared with the three templates fitted to its bounding box (full box, inscribed
+   ellipse, upright isosceles triangle): ``shape = argmax IoU(mask, template)``; below ``min_iou`` it is a blob
+   (an unrecognised object, which still counts against the ``only`` clause).
+4. *Clauses* of the parsed prompt (``flowalign.shapes``): exact count per term, the relation between centres with
+   ``relation_margin``, and ``only`` (no other objects). ``mode="strict"`` returns 1 iff all hold (GenEval's
+   strict accuracy), ``"partial"`` the fraction that holds, ``"strict+partial"`` their sum (the RL reward of the
+   prototype: dense signal plus a bonus for full success).
+
+Known failure modes (by construction, tested in ``tests/test_shapes.py``): two objects of the *same* color that
+touch merge into one component (one object, misclassified shape); objects of different colors that touch are
+separated by color. Colors within ``color_threshold`` of a palette entry are snapped to it, so a generated
+"reddish" blob counts as red; a color halfway between two palette entries is unlabelled.
+
+``shapes_proxy`` (differentiable, torch only): soft color masks ``m_c(p) = softmax_c(-||x(p) - rgb_c||^2 / tau)``
+over palette + background; for each term, coverage ``a_c = mean_p m_c(p)`` should match the expected area
+``count * E[area(shape)] / HW`` and for a relation the soft centre of mass of color ``c0`` should lie on the right
+side of that of ``c1``. Reward ``= -sum_terms |a_c - a*| / a* - relu(margin - sign (mu_1 - mu_0)) / W``
+(higher is better, 0 at best). It sees colors and positions only, not shapes: a proxy, as its name says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowalign.rewards.base import REWARDS, Reward
+from flowalign.shapes import BACKGROUNDS, LEVELS, PALETTE, RELATIONS, SHAPES, Spec, WorldConfig, parse
+
+MODES = ("strict", "partial", "strict+partial")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: color name, shape (``"blob"`` if unrecognised), centre, area (px) and best IoU."""
+
+    color: str
+    shape: str
+    cx: float
+    cy: float
+    area: int
+    iou: float
+
+
+def _templates(h: int, w: int, pad: float = 0.0) -> dict[str, np.ndarray]:
+    """Boolean templates of each shape fitted to an ``h x w`` box grown by ``pad`` px on every side (a shape whose
+    extreme rows are less than half covered loses them in the mask), sampled at pixel centres."""
+    y = (np.arange(h) + 0.5)[:, None]
+    x = (np.arange(w) + 0.5)[None, :]
+    rx, ry = w / 2 + pad, h / 2 + pad
+    square = np.ones((h, w), dtype=bool)
+    circle = ((x - w / 2) / rx) ** 2 + ((y - h / 2) / ry) ** 2 <= 1.0
+    triangle = np.abs(x - w / 2) <= rx * (y + pad) / (h + 2 * pad)
+    return {"circle": circle, "square": square, "triangle": triangle}
+
+
+_PADS = (0.0, 0.5, 1.0)
+
+
+def classify(mask: np.ndarray) -> tuple[str, float]:
+    """``(shape, IoU)`` of a component mask cropped to its bounding box: argmax IoU over the templates fitted to
+    the box (each at pads 0, 1/2, 1 px)."""
+    h, w = mask.shape
+    best, best_iou = "blob", 0.0
+    area = mask.sum()
+    for pad in _PADS:
+        for name, t in _templates(h, w, pad).items():
+            inter = (mask & t).sum()
+            iou = float(inter / max(area + t.sum() - inter, 1))
+            if iou > best_iou:
+                best, best_iou = name, iou
+    return best, best_iou
+
+
+def detect(image: np.ndarray, cfg: WorldConfig, color_threshold: float = 0.25, min_area: float | None = None,
+           min_iou: float = 0.6) -> list[Detection]:
+    """Objects in one image ``float [H, W, 3]`` in [0, 1] (see module docstring, steps 1-3)."""
+    from scipy import ndimage
+
+    img = np.asarray(image, dtype=np.float32)
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    bg = np.median(border, axis=0)
+    names = list(cfg.colors)
+    refs = np.array([PALETTE[c] for c in names], dtype=np.float32) / 255.0  # [K, 3]
+    v = refs - bg[None]  # direction background -> color
+    q = img - bg  # [H, W, 3]
+    alpha = (q @ v.T) / (v * v).sum(-1)  # [H, W, K]: coverage of color k if the pixel mixes bg and color k
+    resid = np.linalg.norm(q[:, :, None, :] - alpha[..., None] * v[None, None], axis=-1)
+    resid = np.where(alpha >= 0.5, resid, np.inf)
+    lab = resid.argmin(-1)
+    lab[resid.min(-1) > color_threshold] = -1
+    min_area = cfg.min_area if min_area is None else min_area
+    out: list[Detection] = []
+    for k, name in enumerate(names):
+        comps, n = ndimage.label(lab == k)
+        if n == 0:
+            continue
+        for i, sl in enumerate(ndimage.find_objects(comps), start=1):
+            m = comps[sl] == i
+            area = int(m.sum())
+            if area < min_area:
+                continue
+            shape, iou = classify(m)
+            if iou < min_iou:
+                shape = "blob"
+            ys, xs = np.nonzero(m)
+            out.append(Detection(name, shape, float(xs.mean() + sl[1].start + 0.5),
+                                 float(ys.mean() + sl[0].start + 0.5), area, iou))
+    return out
+
+
+def evaluate_clauses(spec: Spec, objects: list[Any], relation_margin: float) -> dict[str, bool]:
+    """Truth of each clause of ``spec`` over ``objects`` (anything with ``color, shape, cx, cy``: detections or
+    ground-truth ``flowalign.shapes.Obj``). Keys: ``count:0``, ``count:1``, ``relation``, ``only``."""
+    res: dict[str, bool] = {}
+    groups = []
+    for i, o in enumerate(spec.objects):
+        g = [d for d in objects if d.color == o.color and d.shape == o.shape]
+        groups.append(g)
+        res[f"count:{i}"] = len(g) == o.count
+    if spec.relation is not None:
+        axis, sign = RELATIONS[spec.relation]
+        pos = (lambda d: d.cx) if axis == 0 else (lambda d: d.cy)
+        a, b = groups
+        res["relation"] = bool(a and b) and all(sign * (pos(y) - pos(x)) > relation_margin for x in a for y in b)
+    res["only"] = all(any(d.color == o.color and d.shape == o.shape for o in spec.objects) for d in objects)
+    return res
+
+
+def _spec_of(prompt: str, meta: dict | None) -> Spec:
+    if meta and "spec" in meta:
+        s = meta["spec"]
+        return s if isinstance(s, Spec) else Spec.from_dict(s)
+    return parse(prompt)
+
+
+def _world(level: int | WorldConfig | dict) -> WorldConfig:
+    if isinstance(level, WorldConfig):
+        return level
+    if isinstance(level, dict):
+        return WorldConfig.from_dict(level)
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {sorted(LEVELS)} or a WorldConfig, got {level!r}")
+    return LEVELS[level]
+
+
+@REWARDS.register("shapes_geneval")
+class ShapesGenEval(Reward):
+    """GenEval-style verifier of the shapes world (see module docstring); ``mode`` in ``MODES``."""
+
+    name = "shapes_geneval"
+    differentiable = False
+
+    def __init__(self, mode: str = "strict", level: int | WorldConfig | dict = 1, color_threshold: float = 0.25,
+                 min_iou: float = 0.6, device: str | torch.device = "cpu", batch_size: int | None = 256) -> None:
+        super().__init__(device, batch_size)
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not allowed. Allowed: {', '.join(MODES)}")
+        self.mode = mode
+        self.world = _world(level)
+        self.color_threshold = color_threshold
+        self.min_iou = min_iou
+
+    def detect(self, image: Tensor) -> list[Detection]:
+        """Detections in one image ``[3, H, W]`` in [0, 1]."""
+        return detect(image.detach().permute(1, 2, 0).cpu().numpy(), self.world, self.color_threshold,
+                      min_iou=self.min_iou)
+
+    def clauses(self, image: Tensor, prompt: str, meta: dict | None = None) -> dict[str, bool]:
+        """Per-clause verdicts for one image (for logs and the precision/recall tests)."""
+        return evaluate_clauses(_spec_of(prompt, meta), self.detect(image), self.world.relation_margin)
+
+    def score(self, inputs: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
+        out = []
+        for img, p, m in zip(inputs, prompts, metadata):
+            c = self.clauses(img, p, m)
+            strict = float(all(c.values()))
+            partial = sum(c.values()) / len(c)
+            out.append({"strict": strict, "partial": partial, "strict+partial": strict + partial}[self.mode])
+        return torch.tensor(out, dtype=torch.float32)
+
+
+@REWARDS.register("shapes_proxy")
+class ShapesProxy(Reward):
+    """Differentiable color-coverage / position proxy of the verifier (see module docstring)."""
+
+    name = "shapes_proxy"
+    differentiable = True
+
+    def __init__(self, level: int | WorldConfig | dict = 1, tau: float = 0.02, device: str | torch.device = "cpu",
+                 batch_size: int | None = 256) -> None:
+        super().__init__(device, batch_size)
+        self.world = _world(level)
+        self.tau = tau
+        s = sum(self.world.size_range) / 2
+        #: mean area of each shape as a fraction of the canvas
+        self.shape_area = {"circle": np.pi / 4 * s * s, "square": s * s, "triangle": s * s / 2}
+        self.shape_area = {k: v / self.world.image_size**2 for k, v in self.shape_area.items()}
+        assert set(self.shape_area) == set(SHAPES)
+
+    def score(self, inputs: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
+        cfg = self.world
+        x = inputs.float()
+        B, _, H, W = x.shape
+        names = list(cfg.colors) + list(cfg.backgrounds)
+        refs = torch.tensor([PALETTE[c] for c in cfg.colors] + [BACKGROUNDS[b] for b in cfg.backgrounds],
+                            dtype=x.dtype, device=x.device) / 255.0  # [K, 3]
+        d2 = ((x[:, None] - refs[None, :, :, None, None]) ** 2).sum(2)  # [B, K, H, W]
+        m = torch.softmax(-d2 / self.tau, dim=1)
+        cover = m.mean((2, 3))  # [B, K]
+        xs = (torch.arange(W, dtype=x.dtype, device=x.device) + 0.5)
+        ys = (torch.arange(H, dtype=x.dtype, device=x.device) + 0.5)
+        mass = m.sum((2, 3)) + 1e-6
+        mu = torch.stack([(m.sum(2) * xs).sum(-1) / mass, (m.sum(3) * ys).sum(-1) / mass], -1)  # [B, K, 2]
+        out = []
+        for b, (p, meta) in enumerate(zip(prompts, metadata)):
+            spec = _spec_of(p, meta)
+            target: dict[str, float] = {}
+            for o in spec.objects:
+                target[o.color] = target.get(o.color, 0.0) + o.count * self.shape_area[o.shape]
+            r = x.new_zeros(())
+            for c, a in target.items():
+                r = r - (cover[b, names.index(c)] - a).abs() / a
+            for c in cfg.colors:  # colors not in the prompt should be absent
+                if c not in target:
+                    r = r - cover[b, names.index(c)] / min(self.shape_area.values())
+            if spec.relation is not None and spec.objects[0].color != spec.objects[1].color:
+                axis, sign = RELATIONS[spec.relation]
+                i0, i1 = names.index(spec.objects[0].color), names.index(spec.objects[1].color)
+                gap = sign * (mu[b, i1, axis] - mu[b, i0, axis])
+                r = r - torch.relu(cfg.relation_margin - gap) / W
+            out.append(r)
+        return torch.stack(out)

@@ -1,0 +1,216 @@
+"""DanceGRPO and MixGRPO (recipes of flow_grpo) and BranchGRPO (methods/branch_grpo.py) on the shared core.
+
+Fast: the DPM-Solver++(2M) post-window solver matches diffusers, MixGRPO-Flash rollouts keep the window exact,
+DanceGRPO's step subsampling and best/worst-k selection, BranchGRPO's first update has ratio == 1 and its loss
+weights sum to one per update, config errors. Slow: each method raises its reward on a tiny real-class model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowalign.config import ConfigError, load_config
+from flowalign.methods.base import Runtime, TrainState
+from flowalign.methods.flow_grpo import best_worst
+from flowalign.rollout import sample
+from flowalign.schedules import make_plan
+from flowalign.solvers import compress_tail, dpm2_step
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red apple", "a red car", "a red rose", "red sky"]
+
+
+@pytest.fixture(scope="module")
+def sd3_path():
+    from flowalign.pipelines import tiny
+
+    return tiny.cached("sd3")
+
+
+@pytest.fixture(scope="module")
+def adapter(sd3_path):
+    from flowalign.pipelines import tiny
+    from flowalign.pipelines.sd3 import SD3Adapter
+
+    return SD3Adapter.from_pretrained(sd3_path, **tiny.RESOLUTION["sd3"])
+
+
+def config(sd3_path, method="flow_grpo", sample=None, train=None, **top):
+    from flowalign.pipelines import tiny
+
+    d = {"model": {"adapter": "sd3", "path": sd3_path, "kwargs": dict(tiny.RESOLUTION["sd3"]), "lora": {"rank": 8}},
+         "sample": {"prompts": PROMPTS, "prompts_per_round": 2, "group_size": 8, "num_steps": 8, "guidance": 1.0,
+                    "batch_size": 8, **(sample or {})},
+         "reward": {"weights": {"redness": 1.0}, "background": False},
+         "train": {"method": method, "lr": 1e-2, "clip_range": 1e-2, "updates_per_iteration": 2, "train_cfg": False,
+                   **(train or {})},
+         "ema": {"enabled": False}, "checkpoint": {"save_final": False}, "log": {"progress": False}, **top}
+    return load_config(d)
+
+
+BRANCH = {"kernel": "dance", "noise_level": 0.3, "schedule": "branch", "schedule_options": {"branch_steps": [0, 2, 4]}}
+
+
+# ------------------------------------------------------------------------------------------------ MixGRPO-Flash
+def test_dpm2_matches_diffusers_dpmsolver_multistep():
+    from diffusers import DPMSolverMultistepScheduler
+
+    sch = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction",
+                                      algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                                      lower_order_final=True, final_sigmas_type="zero")
+    sch.set_timesteps(8)
+    sig = sch.sigmas.clone()
+    c = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def velocity(x, s):  # any smooth field; the solvers must agree on it
+        return 0.3 * torch.tanh(x) + (1 - s) * c
+
+    x = y = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    prev = None
+    for i, t in enumerate(sch.timesteps):
+        x = sch.step(velocity(x, float(sig[i])), t, x).prev_sample
+        y, prev = dpm2_step(y, velocity(y, float(sig[i])), sig[i], sig[i + 1], prev, sig[i - 1] if i else None)
+    torch.testing.assert_close(y, x, atol=2e-6, rtol=0)
+    # without history it is first order: DDIM, x' = (s'/s) x + (1 - s'/s) x0 ... == Euler for flow models
+    z, v = torch.randn(5), torch.randn(5)
+    euler = z + (0.4 - 0.7) * v
+    torch.testing.assert_close(dpm2_step(z, v, 0.7, 0.4)[0], euler, atol=1e-6, rtol=0)
+
+
+def test_compress_tail_keeps_the_window_and_the_terminal_sigma():
+    s = torch.linspace(1, 0, 11)
+    out = compress_tail(s, last_sde=3, ratio=0.4)  # 6 post-window transitions -> round(2.4) = 2
+    assert torch.equal(out[:5], s[:5]) and out[-1] == 0 and len(out) == 5 + 2
+    assert all(bool((s == v).any()) for v in out)  # a subset of the pipeline's own grid
+    assert torch.equal(compress_tail(s, 3, 1.0), s)
+    with pytest.raises(ValueError, match="post_compress"):
+        compress_tail(s, 3, 0.0)
+
+
+def test_flash_rollout_keeps_the_window_exact_and_saves_steps(adapter):
+    plan = make_plan("sliding", 8, size=2, stride=1, shift_interval=1, iteration=1)  # SDE on steps 1, 2
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    full = sample(adapter, PROMPTS[:2], group_size=2, num_steps=8, plan=plan, generator=g())
+    flash = sample(adapter, PROMPTS[:2], group_size=2, num_steps=8, plan=plan, generator=g(), ode_solver="dpm2",
+                   post_compress=0.4)
+    assert flash.num_steps == 3 + 2 and full.num_steps == 8  # 5 post-window steps -> 2
+    assert torch.equal(flash.latents[:, :4], full.latents[:, :4])  # everything up to the end of the window
+    assert torch.equal(flash.log_probs[:, :3], full.log_probs[:, :3])
+    assert flash.train_mask.nonzero().flatten().tolist() == [1, 2] and flash.nfe == 5 and full.nfe == 8
+    assert torch.equal(flash.sigmas[:4], full.sigmas[:4]) and flash.sigmas[-1] == full.sigmas[-1]
+    assert torch.isfinite(flash.images).all()
+
+
+# ------------------------------------------------------------------------------------------------ DanceGRPO
+def test_subsample_schedule():
+    plans = [make_plan("subsample", 10, fraction=0.6, generator=torch.Generator().manual_seed(s)) for s in range(20)]
+    for p in plans:
+        assert bool(p.sde.all()) and int(p.train.sum()) == 5 and not bool(p.train[-1])  # int(9 * 0.6), never last
+    assert len({tuple(p.train.tolist()) for p in plans}) > 5  # a fresh subset per round
+    again = make_plan("subsample", 10, fraction=0.6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.train, plans[0].train)
+    assert int(make_plan("subsample", 10, fraction=0.5, exclude_last=False).train.sum()) == 5
+
+
+def test_best_worst_keeps_the_extremes_of_each_group():
+    adv = torch.tensor([0.1, -1.0, 2.0, 0.5, 3.0, 1.0, -2.0, 0.0])
+    assert best_worst(adv, 4, 2).tolist() == [False, True, True, False, True, False, True, False]
+    assert best_worst(adv, 4, 3).tolist() == [True, True, True, False, True, False, True, True]
+    assert best_worst(adv, 4, 4).all()
+
+
+def test_dance_and_mix_options_are_checked(sd3_path):
+    with pytest.raises(ConfigError, match="best_worst_k"):
+        config(sd3_path, train={"method_options": {"best_worst_k": 9}})
+    with pytest.raises(ConfigError, match="ode_solver"):
+        config(sd3_path, train={"method_options": {"ode_solver": "heun"}})
+
+
+# ------------------------------------------------------------------------------------------------ BranchGRPO
+def test_branch_grpo_first_update_is_on_policy(sd3_path, adapter):
+    from flowalign.methods.branch_grpo import BranchGRPO
+    from flowalign.trainer import build_reward
+
+    cfg = config(sd3_path, "branch_grpo", sample=BRANCH, train={
+        "batch_size": 4, "method_options": {"split_noise_scale": 2.0, "depth_pruning": [8],
+                                            "width_pruning": "best"}})
+    method = BranchGRPO(cfg, adapter, build_reward(cfg), Runtime())
+    col = method.collect(TrainState())
+    m = col.metrics
+    per_tree = 1 + 2 + 2 + 4 + 4 + 8 * 3  # splits at 0, 2, 4 over 8 steps: 8 leaves
+    assert m["nfe_per_leaf"] == per_tree / 8 and m["tree_size"] == 1 + 2 + 2 + 4 + 4 + 8 * 4
+    sde_edges = 2 + 2 + 4 + 4 + 8 * 4  # 44 per tree
+    # depth pruning drops the 8 edges into depth 8; the last split's 8 heads (step 5) start chains 5 -> 6 -> 7 -> 8,
+    # and width pruning ("best", 0.5) drops 4 chains' edges 5 -> 6 and 6 -> 7 (7 -> 8 is gone already)
+    trained = sde_edges - 8 - 4 * 2
+    assert m["trained_edges_per_tree"] == trained and m["pruned_frac"] == pytest.approx(1 - trained / sde_edges)
+    edges_in_update = {}
+    rows = 0
+    with torch.no_grad():
+        for b in col.batches:
+            loss, metrics = method.loss(b)
+            assert float(metrics["ratio_min"]) >= 1 - 1e-6 and float(metrics["ratio_max"]) <= 1 + 1e-6
+            n = len(b.data["edges"])
+            edges_in_update[b.update] = edges_in_update.get(b.update, 0.0) + n * b.data["weight"]
+            assert n <= 4
+            rows += len(torch.unique(method._tree_store.edges.parent[b.data["edges"]]))
+    assert col.num_updates == 2 and all(v == pytest.approx(1.0) for v in edges_in_update.values())
+    total_edges = sum(len(b.data["edges"]) for b in col.batches)
+    assert total_edges == 2 * trained and rows < total_edges  # siblings share their parent's forward
+
+
+def test_branch_grpo_config_errors(sd3_path):
+    with pytest.raises(ConfigError, match="group_size=8 must equal"):
+        config(sd3_path, "branch_grpo", sample={**BRANCH, "schedule_options": {"branch_steps": [0, 2]}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        config(sd3_path, "branch_grpo", sample=BRANCH, train={"method_options": {"branchs": 2}})
+    with pytest.raises(ConfigError, match="split_logprob"):
+        config(sd3_path, "branch_grpo", sample=BRANCH, train={"method_options": {"split_logprob": "scaled"}})
+    with pytest.raises(ConfigError, match="multiple of sample.group_size"):
+        config(sd3_path, "branch_grpo", sample={**BRANCH, "batch_size": 4})
+
+
+def test_recipes_carry_the_peer_defaults():
+    over = ["sample.prompts=[a, b]", "eval.prompts=[a]"]
+    dance = load_config(ROOT / "recipes/dance_flux.yaml", over)
+    assert (dance.sample.kernel, dance.sample.noise_level, dance.sample.same_noise, dance.sample.schedule,
+            dance.train.beta) == ("dance", 0.3, True, "subsample", 0.0)
+    mix = load_config(ROOT / "recipes/mixgrpo_flux.yaml", over)
+    assert (mix.sample.schedule, mix.sample.num_steps, mix.sample.noise_level) == ("sliding", 25, 0.7)
+    assert mix.sample.schedule_options == {"size": 4, "stride": 1, "shift_interval": 25}
+    flash = load_config(ROOT / "recipes/mixgrpo_flash_flux.yaml", over)
+    assert flash.train.method_options == {"ode_solver": "dpm2", "post_compress": 0.4}
+    branch = load_config(ROOT / "recipes/branch_grpo_flux.yaml", over)
+    assert branch.sample.schedule_options == {"branch_steps": [0, 3, 6, 9]} and branch.sample.group_size == 16
+    assert (branch.train.method, branch.train.method_options["split_noise_scale"]) == ("branch_grpo", 4.0)
+
+
+# ------------------------------------------------------------------------------------------------ learning
+def _learns(cfg, iterations: int) -> list[float]:
+    from flowalign.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    return [trainer.step()["reward_mean"] for _ in range(iterations)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["dance", "mix", "branch"])
+def test_method_raises_its_reward(sd3_path, tmp_path, variant):
+    """~20 iterations of 16 samples on the tiny SD3 with the redness reward (iterations take 1-3 s on 2 cores)."""
+    if variant == "dance":
+        cfg = config(sd3_path, sample={"kernel": "dance", "noise_level": 0.3, "same_noise": True,
+                                       "schedule": "subsample", "schedule_options": {"fraction": 0.6}},
+                     output_dir=str(tmp_path))
+    elif variant == "mix":
+        cfg = config(sd3_path, sample={"kernel": "flow_sde", "noise_level": 0.7, "schedule": "sliding",
+                                       "schedule_options": {"size": 3, "shift_interval": 4}},
+                     output_dir=str(tmp_path))
+    else:
+        cfg = config(sd3_path, "branch_grpo", sample=BRANCH, train={"method_options": {"width_pruning": "best_worst"}},
+                     output_dir=str(tmp_path))
+    rewards = _learns(cfg, 20)
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.01, rewards
