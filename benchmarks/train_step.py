@@ -37,7 +37,8 @@ from flowalign.methods.base import generator  # noqa: E402
 from flowalign.pipelines import tiny  # noqa: E402
 from flowalign.rollout import sample  # noqa: E402
 from flowalign.schedules import make_plan  # noqa: E402
-from flowalign.trainer import Trainer, apply_lora, build_adapter, build_reward, lora_disabled, lora_settings  # noqa: E402
+from flowalign.trainer import (Trainer, apply_lora, build_adapter, build_reward, lora_disabled,  # noqa: E402
+                               lora_settings, tuner_layers)
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "three purple stars"]
 GOAL = 1.05
@@ -74,6 +75,7 @@ class PlainLoop:
         self.adapter = build_adapter(cfg, "cpu")
         self.module = self.adapter.trainable_module()
         apply_lora(self.module, lora_settings(cfg, self.adapter))
+        self.layers = tuner_layers(self.module)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         for p in self.params:
             p.data = p.data.float()
@@ -123,7 +125,7 @@ class PlainLoop:
                     a = adv[rows].clamp(-t.adv_clip_max, t.adv_clip_max)
                     loss, _ = ppo_clip(new.log_prob, old[rows, j], a, clip_range=t.clip_range)
                     if t.beta > 0:
-                        with torch.no_grad(), lora_disabled(self.module):
+                        with torch.no_grad(), lora_disabled(self.module, self.layers):
                             ref = self.adapter.predict(x, sig[j], cd, s.guidance)
                         mref, _ = sde.mean_std(s.kernel, x, ref, sig[j], sig[j + 1], s.noise_level)
                         loss = loss + t.beta * gaussian_kl(new.mean, mref, new.std, sig[j + 1] - sig[j], form=t.kl)

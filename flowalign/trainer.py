@@ -99,12 +99,17 @@ def apply_lora(module: nn.Module, settings: dict[str, Any]) -> nn.Module:
     return module
 
 
-@contextlib.contextmanager
-def lora_disabled(module: nn.Module) -> Iterator[None]:
-    """The base model: every peft tuner layer of ``module`` bypassed (flow_grpo ``disable_adapter()``)."""
+def tuner_layers(module: nn.Module) -> list:
+    """The peft tuner (LoRA) layers inside ``module``."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def lora_disabled(module: nn.Module, layers: list | None = None) -> Iterator[None]:
+    """The base model: every peft tuner layer of ``module`` bypassed (flow_grpo ``disable_adapter()``)."""
+    layers = tuner_layers(module) if layers is None else layers
     flags = [m.disable_adapters for m in layers]
     for m in layers:
         m.enable_adapters(False)
@@ -248,6 +253,7 @@ class Trainer:
         if lo.enabled:
             self.lora = lora_settings(self.cfg, self.adapter)
             apply_lora(self.module, self.lora)
+            self._tuner_layers = tuner_layers(self.module)
         else:
             self.lora = None
             self.module.requires_grad_(True)
@@ -282,7 +288,7 @@ class Trainer:
     def reference(self) -> Iterator[None]:
         """Inside: the adapter computes the reference (initial) policy."""
         if self.lora is not None:
-            with lora_disabled(self.module):
+            with lora_disabled(self.module, self._tuner_layers):
                 yield
         elif self.ref_weights is not None:
             with weights_swapped(self.params, self.ref_weights):
@@ -302,17 +308,25 @@ class Trainer:
         return out.to(t.device)
 
     def _sum_grads(self) -> None:
-        """Sum the trainable gradients over processes (the method's loss is globally normalised)."""
+        """Sum the trainable gradients over processes (the method's loss is globally normalised).
+
+        One flat all-reduce carries the gradients plus a has-grad flag per parameter, so a parameter that no
+        process touched keeps ``grad=None`` (AdamW then skips it, exactly as in a single process).
+        """
         if self.accelerator.num_processes == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flags = torch.tensor([float(p.grad is not None) for p in self.params], device=self.device)
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [flags])
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
         offset = 0
         for p in self.params:
             n = p.numel()
-            p.grad = flat[offset: offset + n].view_as(p).clone()
+            p.grad = flat[offset: offset + n].view_as(p).to(p.dtype).clone()
             offset += n
+        for p, used in zip(self.params, flat[offset:].tolist()):
+            if used == 0:
+                p.grad = None
 
     # ------------------------------------------------------------------------------------------- loop
     def step(self) -> dict[str, Any]:
@@ -425,6 +439,9 @@ class Trainer:
                     self.evaluate()
                 if cfg.checkpoint.every and it % cfg.checkpoint.every == 0:
                     self.save_checkpoint(elapsed=self._elapsed_before + time.time() - start)
+            last_eval = self.history and cfg.eval.every and self.state.iteration % cfg.eval.every
+            if last_eval:
+                self.evaluate()
             if cfg.checkpoint.save_final and (not cfg.checkpoint.every
                                               or self.state.iteration % cfg.checkpoint.every):
                 self.save_checkpoint(elapsed=self._elapsed_before + time.time() - start)

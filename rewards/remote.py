@@ -13,6 +13,7 @@ import base64
 import io
 import os
 import random
+import socket
 import time
 from typing import Any, Sequence
 
@@ -81,6 +82,8 @@ class RemoteReward(Reward):
         self.retries, self.backoff, self.max_backoff = int(retries), float(backoff), float(max_backoff)
         self.encoding = encoding
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if transport is None:  # no Nagle delay: small JSON requests otherwise wait ~40 ms for delayed ACKs
+            transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self.client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
         self.info: dict[str, Any] | None = None
         if modality is not None:

@@ -337,6 +337,7 @@ def create_app(reward: Reward | str, token: str | None = None, max_payload_bytes
                max_image_pixels: int = 64 << 20):
     """The FastAPI app serving ``reward`` (see the module docstring for the protocol)."""
     reward = get_reward(reward) if isinstance(reward, str) else reward
+    token = token or None  # an empty token means no token, never "accept an empty bearer"
     batcher = Batcher(reward, int(max_batch or 0), max(0.0, batch_window_ms) / 1000.0)
 
     @asynccontextmanager
@@ -437,7 +438,7 @@ def create_app(reward: Reward | str, token: str | None = None, max_payload_bytes
 
 
 def _check_exposure(host: str, token: str | None) -> None:
-    if token is None and not is_loopback(host):
+    if not token and not is_loopback(host):
         raise ValueError(f"refusing to serve on {host!r} without a token: pass token=... (or set ${TOKEN_ENV}); "
                          "only loopback addresses (127.0.0.1, ::1, localhost) may run without one")
 
@@ -508,8 +509,10 @@ def start_server(reward: Reward | str, host: str = "127.0.0.1", port: int = 0, *
 
 def serve(reward: Reward | str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           max_payload_bytes: int = 64 << 20, timeout: float = 120.0, max_batch: int = 64,
-          batch_window_ms: float = 5.0, max_image_pixels: int = 64 << 20, log_level: str = "info") -> None:
-    """Serve ``reward`` until interrupted (blocking). A token is required unless ``host`` is loopback."""
+          batch_window_ms: float = 5.0, max_image_pixels: int = 64 << 20, log_level: str = "info",
+          lifetime: float | None = None) -> None:
+    """Serve ``reward`` until interrupted (or for ``lifetime`` seconds). A token is required unless ``host`` is
+    loopback."""
     import uvicorn
 
     _check_exposure(host, token)
@@ -517,7 +520,12 @@ def serve(reward: Reward | str, host: str = "127.0.0.1", port: int = 8000, token
                      max_batch=max_batch, batch_window_ms=batch_window_ms, max_image_pixels=max_image_pixels)
     sock = _bind(host, port)
     logger.info("serving reward on http://%s:%d", host, sock.getsockname()[1])
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False)).run(sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False))
+    if lifetime:
+        timer = threading.Timer(lifetime, lambda: setattr(server, "should_exit", True))
+        timer.daemon = True
+        timer.start()
+    server.run(sockets=[sock])
 
 
 def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
@@ -548,7 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=64, help="samples per merged reward call; <=1 disables batching")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long to wait for more requests")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--lifetime", type=float, default=None, help="stop by itself after this many seconds")
     args = p.parse_args(list(argv) if argv is not None else None)
+    try:
+        _check_exposure(args.host, args.token)  # before loading a large model
+    except ValueError as e:
+        p.error(str(e))
     kwargs = _parse_kv(args.arg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -558,7 +571,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         serve(reward, host=args.host, port=args.port, token=args.token,
               max_payload_bytes=int(args.max_payload_mb * (1 << 20)), timeout=args.timeout,
-              max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, log_level=args.log_level)
+              max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, log_level=args.log_level,
+              lifetime=args.lifetime)
     except ValueError as e:
         p.error(str(e))
     return 0

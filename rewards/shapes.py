@@ -46,7 +46,8 @@ MODES = ("strict", "partial", "strict+partial")
 
 @dataclass(frozen=True)
 class Detection:
-    """One detected object: color name, shape (``"blob"`` if unrecognised), centre, area (px) and best IoU."""
+    """One detected object: color name, shape (``"blob"`` if unrecognised), bounding-box centre (px), area (px)
+    and best template IoU."""
 
     color: str
     shape: str
@@ -117,9 +118,9 @@ def detect(image: np.ndarray, cfg: WorldConfig, color_threshold: float = 0.25, m
             shape, iou = classify(m)
             if iou < min_iou:
                 shape = "blob"
-            ys, xs = np.nonzero(m)
-            out.append(Detection(name, shape, float(xs.mean() + sl[1].start + 0.5),
-                                 float(ys.mean() + sl[0].start + 0.5), area, iou))
+            # bounding-box centre (as the renderer's Obj.cx/cy; a triangle's centroid would sit h/6 lower)
+            out.append(Detection(name, shape, (sl[1].start + sl[1].stop) / 2, (sl[0].start + sl[0].stop) / 2,
+                                 area, iou))
     return out
 
 

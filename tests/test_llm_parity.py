@@ -18,6 +18,7 @@ from flowalign.llm.model import build_random_model
 from flowalign.llm.rollout import token_logps
 
 trl = pytest.importorskip("trl")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL passes the deprecated gradient_checkpointing
 
 B, P, C, G = 8, 7, 6, 4
 # TRL loss_type -> our aggregation
@@ -129,6 +130,8 @@ def test_loss_and_grad_parity_with_trl(case, tmp_path):
     worst = max((g_ours[n] - g_trl[n]).abs().max().item() for n in g_ours)
     scale = max(g.abs().max().item() for g in g_trl.values())
     assert scale > 1e-4  # a real gradient, not an all-zero one
+    print(f"parity {case}: |dloss| {abs(out.loss.item() - trl_loss.item()):.1e}, max |dgrad| {worst:.1e}, "
+          f"grad scale {scale:.1e}")
     assert worst <= 1e-5, f"max grad diff {worst:.2e} (grad scale {scale:.2e})"
 
 
@@ -164,3 +167,32 @@ def test_accumulated_micro_batches_match_trl(loss_type, tmp_path):
     g_ours, g_trl = _grads(ours), _grads(theirs)
     worst = max((g_ours[n] - g_trl[n]).abs().max().item() for n in g_ours)
     assert worst <= 1e-5
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_prefix_shared_training_pass_matches_trl(loss_type, tmp_path):
+    """The trainer's default path (each prompt run once per group) gives TRL's loss and gradients."""
+    from flowalign.llm.rollout import token_logps_grouped
+
+    base, tok = build_random_model(seed=2, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    ours, theirs = _copies(base, tmp_path)
+    tr = _trainer(theirs, tok, tmp_path, loss_type=loss_type)
+    tr.current_gradient_accumulation_steps = 1
+    prompt_ids, prompt_mask, comp, cmask, adv, g = _batch(tok, seed=5)
+    prompt_ids = prompt_ids[::G].repeat_interleave(G, 0)  # groups of G rows share one prompt
+    prompt_mask = prompt_mask[::G].repeat_interleave(G, 0)
+    with torch.no_grad():
+        cur, _ = token_logps(base, prompt_ids, prompt_mask, comp, cmask)
+    old = cur + (torch.rand(B, C, generator=g) - 0.5) * 0.8
+    theirs.train()
+    loss = tr.compute_loss(theirs, {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": comp,
+                                    "completion_mask": cmask, "advantages": adv, "old_per_token_logps": old,
+                                    "num_items_in_batch": cmask.sum()})
+    loss.backward()
+    ours.train()
+    logp, _ = token_logps_grouped(ours, prompt_ids, prompt_mask, comp, cmask, group_size=G)
+    out = policy_loss(logp, old, adv, cmask, agg=AGG[loss_type])
+    out.loss.backward()
+    assert abs(out.loss.item() - loss.item()) <= 1e-5
+    g_ours, g_trl = _grads(ours), _grads(theirs)
+    assert max((g_ours[n] - g_trl[n]).abs().max().item() for n in g_ours) <= 1e-5

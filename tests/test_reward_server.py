@@ -72,11 +72,16 @@ def test_auth(server):
         R.RemoteReward(server.url, token="wrong", modality="image")(rand_images(1), ["a"])
 
 
-def test_token_required_beyond_loopback(clip_reward):
+def test_token_required_beyond_loopback(clip_reward, monkeypatch):
+    monkeypatch.delenv("FLOWALIGN_REWARD_TOKEN", raising=False)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
     with pytest.raises(ValueError, match="without a token"):  # refused before binding anything
         start_server(clip_reward, host="0.0.0.0")
+    with pytest.raises(ValueError, match="without a token"):
+        start_server(clip_reward, host="0.0.0.0", token="")  # an empty token is no token
+    with pytest.raises(SystemExit):  # the CLI refuses too, before binding
+        main(["--reward", "brightness", "--host", "0.0.0.0"])
     with pytest.raises(SystemExit):
         main(["--reward", "brightness", "--host", "0.0.0.0", "--token", ""])
 

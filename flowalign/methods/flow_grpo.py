@@ -56,9 +56,9 @@ class _Store:
 
 def reward_parts(reward_fn, images: Tensor, prompts: list[str], metadata: list[dict]) -> tuple[Tensor, dict]:
     """Total reward ``[B]`` and its components (a ``Compose`` reports each; a plain reward is its own part)."""
-    try:
+    if hasattr(reward_fn, "components"):  # flowalign.rewards.Compose
         total, parts = reward_fn(images, prompts, metadata, return_components=True)
-    except TypeError:
+    else:
         total = reward_fn(images, prompts, metadata)
         parts = {getattr(reward_fn, "name", "reward"): total}
     return total.detach().float().cpu(), {k: v.detach().float().cpu() for k, v in parts.items()}
@@ -155,12 +155,13 @@ class FlowGRPO(Method):
         my_chunks = range(rt.rank * per_rank, (rt.rank + 1) * per_rank)
         row0 = my_chunks.start * bs
 
-        # encode the prompts of this process's rows once
+        # encode each prompt of this process's rows alone: a prompt's embedding then never depends on which
+        # prompts share its batch (process count, resume), and the adapter's prompt cache hits across rounds
         my_pids = row_pid[row0: row0 + per_rank * bs]
         uniq = torch.unique_consecutive(my_pids)
-        neg = [s.negative_prompt] * len(uniq) if self.need_uncond else None
+        neg = [s.negative_prompt] if self.need_uncond else None
         with rt.autocast():
-            ucond = self.adapter.encode([self.prompts[i] for i in uniq.tolist()], negative=neg)
+            ucond = Cond.cat([self.adapter.encode([self.prompts[i]], negative=neg) for i in uniq.tolist()])
         pos_of = {int(p): k for k, p in enumerate(uniq.tolist())}
 
         trajs, futures, t_sample = [], [], 0.0
