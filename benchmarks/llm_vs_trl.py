@@ -183,13 +183,17 @@ def main() -> None:
         return vals[len(vals) // 2]
 
     impls = sorted({x["impl"] for x in runs})
+
+    def phase_means(impl):
+        mine = [x["phases_s_per_step"] for x in runs if x["impl"] == impl]
+        return {k: sum(p[k] for p in mine) / len(mine) for k in mine[0]}
+
     summary = {impl: {"steps_per_s_median": med(impl, "steps_per_s"),
                       "completion_tokens_per_s_median": med(impl, "completion_tokens_per_s"),
-                      "phases_s_per_step_mean": {k: sum(x["phases_s_per_step"][k] for x in runs if x["impl"] == impl)
-                                                 / sum(x["impl"] == impl for x in runs)
-                                                 for k in next(x for x in runs if x["impl"] == impl)["phases_s_per_step"]}}
+                      "phases_s_per_step_mean": phase_means(impl)}
                for impl in impls}
-    def paired(key, base):  # per-round ratio (both ran back to back under the same machine load), median
+
+    def paired(key, base):  # median of per-round ratios (both ran back to back under the same load)
         ratios = sorted(a[key] / b[key] for r in range(args.rounds)
                         for a in runs if a["impl"] == "flowalign" and a["round"] == r
                         for b in runs if b["impl"] == base and b["round"] == r)

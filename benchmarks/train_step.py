@@ -92,7 +92,7 @@ class PlainLoop:
         t0 = time.perf_counter()
         ids = [(self.it * s.prompts_per_round + k) % len(PROMPTS) for k in range(s.prompts_per_round)]
         plan = make_plan(s.schedule, s.num_steps, generator=generator(cfg.seed, "plan", self.it), **s.schedule_options)
-        trajs, images = [], []
+        trajs = []
         per_chunk = bs // G
         self.module.eval()
         with torch.no_grad():

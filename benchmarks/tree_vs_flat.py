@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, interleaved, median, write_json  # noqa: E402
+from common import format_table, interleaved, median, write_json
 
 LEAVES, STEPS = 16, 10
 FLAT = {"flow_grpo": {"kernel": "flow_sde", "noise_level": 0.7, "schedule": "all",
@@ -136,7 +136,8 @@ def per_iteration(model: str, prompts: int, repeats: int) -> tuple[list[dict], d
         row = {"variant": v, "sample_nfe_per_leaf": median([r["nfe_sample"] for r in recs]) / leaves,
                "train_nfe_per_leaf": median([r["nfe_train"] for r in recs]) / leaves,
                "wall_s": median(times[v]["wall"]), "cpu_s": median(times[v]["cpu"]),
-               "sample_s": median([r["time/collect"] for r in recs]), "train_s": median([r["time/train"] for r in recs])}
+               "sample_s": median([r["time/collect"] for r in recs]),
+               "train_s": median([r["time/train"] for r in recs])}
         if v in TREE:
             row["trained_edges_per_tree"] = median([r["trained_edges_per_tree"] for r in recs])
             row["pruned_frac"] = median([r["pruned_frac"] for r in recs])

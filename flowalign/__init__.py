@@ -25,7 +25,7 @@ _EXPORTS = {
     "recompute_log_probs": "flowalign.rollout", "Registry": "flowalign.registry", "EMA": "flowalign.ema",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [*sorted(_EXPORTS), "__version__"]  # noqa: PLE0605
 
 
 def __getattr__(name: str) -> Any:

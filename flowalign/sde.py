@@ -59,8 +59,8 @@ class StepOut:
 
 
 def _per_sample(value, x: Tensor) -> Tensor:
-    """Scalar / [B] sigma -> fp32 tensor shaped [B, 1, ..., 1] broadcastable to x."""
-    t = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+    """Scalar / [B] sigma -> tensor of x's dtype shaped [B, 1, ..., 1] broadcastable to x."""
+    t = torch.as_tensor(value, device=x.device).to(x.dtype)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
@@ -134,12 +134,13 @@ def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduction: str 
 
 
 def mean_std(kind: str, x: Tensor, model_out: Tensor, sigma, sigma_next, noise_level: float) -> tuple[Tensor, Tensor]:
-    """The kernel's Gaussian ``(mean, std)`` in fp32, ``std`` shaped ``[B, 1, ...]``."""
+    """The Gaussian ``(mean, std)`` in fp32 (fp64 inputs stay fp64, for gradient checks); ``std`` is ``[B, 1, ...]``."""
     fn = KERNELS.get(kind)
-    xf, mf = x.float(), model_out.float()
+    dt = torch.promote_types(torch.promote_types(x.dtype, model_out.dtype), torch.float32)
+    xf, mf = x.to(dt), model_out.to(dt)
     s, s_next = _per_sample(sigma, xf), _per_sample(sigma_next, xf)
     mean, std = fn(xf, mf, s, s_next, float(noise_level))
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    std = torch.as_tensor(std, dtype=dt, device=x.device)
     if std.ndim == 0:
         std = std.expand(x.shape[0]).view(-1, *([1] * (x.ndim - 1)))
     return mean, std

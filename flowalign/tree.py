@@ -149,7 +149,7 @@ def check_branching(num_steps: int, branch_steps: Sequence[int], branching: int)
     """Sorted unique split steps, validated against ``num_steps``; ``branching`` must be an int >= 1."""
     if not isinstance(branching, int) or isinstance(branching, bool) or branching < 1:
         raise ValueError(f"branching must be an integer >= 1 (children per node at a split), got {branching!r}")
-    steps = sorted(set(int(s) for s in branch_steps))
+    steps = sorted({int(s) for s in branch_steps})
     if any(s < 0 or s >= num_steps for s in steps):
         raise ValueError(f"branch_steps {steps} must lie in [0, num_steps={num_steps})")
     return steps

@@ -103,21 +103,26 @@ class TextFeatureCache:
     group and across epochs). Keyed by prompt, dtype and device, so ``Reward.to`` invalidates nothing wrongly."""
 
     def __init__(self, encode, max_size: int = 4096) -> None:
+        import threading
         from collections import OrderedDict
 
         self.encode, self.max_size = encode, max_size
         self._store: "OrderedDict[tuple, Tensor]" = OrderedDict()
+        self._lock = threading.Lock()  # trainers call rewards from thread pools
 
     def __call__(self, prompts: Sequence[str], dtype: torch.dtype, device: torch.device) -> Tensor:
         uniq, idx = unique_prompts(prompts)
-        missing = [p for p in uniq if (p, dtype, device) not in self._store]
-        if missing:
-            with torch.no_grad():
-                feats = self.encode(missing)
-            for p, f in zip(missing, feats):
-                self._store[(p, dtype, device)] = f
+        with self._lock:
+            missing = [p for p in uniq if (p, dtype, device) not in self._store]
+            if missing:
+                with torch.no_grad():
+                    feats = self.encode(missing)
+                for p, f in zip(missing, feats):
+                    self._store[(p, dtype, device)] = f
+            found = []
+            for p in uniq:
+                self._store.move_to_end((p, dtype, device))
+                found.append(self._store[(p, dtype, device)])
             while len(self._store) > self.max_size:
                 self._store.popitem(last=False)
-        for p in uniq:
-            self._store.move_to_end((p, dtype, device))
-        return torch.stack([self._store[(p, dtype, device)] for p in uniq])[idx.to(device)]
+        return torch.stack(found)[idx.to(device)]

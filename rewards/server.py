@@ -295,7 +295,13 @@ class Batcher:
                         break
                     batch.append(nxt)
                     n += nxt.n
-            await self._run(loop, batch)
+            try:
+                await self._run(loop, batch)
+            except Exception as e:  # never let the batching loop die: fail these requests, keep serving
+                logger.exception("batch failed")
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(e)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[ScoreRequest]) -> None:
         try:
@@ -334,7 +340,7 @@ class Batcher:
 # ----------------------------------------------------------------------------- app
 def create_app(reward: Reward | str, token: str | None = None, max_payload_bytes: int = 64 << 20,
                timeout: float = 120.0, max_batch: int = 64, batch_window_ms: float = 5.0,
-               max_image_pixels: int = 64 << 20):
+               max_image_pixels: int = 16 << 20):
     """The FastAPI app serving ``reward`` (see the module docstring for the protocol)."""
     reward = get_reward(reward) if isinstance(reward, str) else reward
     token = token or None  # an empty token means no token, never "accept an empty bearer"
@@ -509,7 +515,7 @@ def start_server(reward: Reward | str, host: str = "127.0.0.1", port: int = 0, *
 
 def serve(reward: Reward | str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           max_payload_bytes: int = 64 << 20, timeout: float = 120.0, max_batch: int = 64,
-          batch_window_ms: float = 5.0, max_image_pixels: int = 64 << 20, log_level: str = "info",
+          batch_window_ms: float = 5.0, max_image_pixels: int = 16 << 20, log_level: str = "info",
           lifetime: float | None = None) -> None:
     """Serve ``reward`` until interrupted (or for ``lifetime`` seconds). A token is required unless ``host`` is
     loopback."""

@@ -92,7 +92,7 @@ def test_compress_tail_keeps_the_window_and_the_terminal_sigma():
 
 def test_flash_rollout_keeps_the_window_exact_and_saves_steps(adapter):
     plan = make_plan("sliding", 8, size=2, stride=1, shift_interval=1, iteration=1)  # SDE on steps 1, 2
-    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(4)
     full = sample(adapter, PROMPTS[:2], group_size=2, num_steps=8, plan=plan, generator=g())
     flash = sample(adapter, PROMPTS[:2], group_size=2, num_steps=8, plan=plan, generator=g(), ode_solver="dpm2",
                    post_compress=0.4)
@@ -151,7 +151,7 @@ def test_branch_grpo_first_update_is_on_policy(sd3_path, adapter):
     rows = 0
     with torch.no_grad():
         for b in col.batches:
-            loss, metrics = method.loss(b)
+            _, metrics = method.loss(b)
             assert float(metrics["ratio_min"]) >= 1 - 1e-6 and float(metrics["ratio_max"]) <= 1 + 1e-6
             n = len(b.data["edges"])
             edges_in_update[b.update] = edges_in_update.get(b.update, 0.0) + n * b.data["weight"]
@@ -214,3 +214,41 @@ def test_method_raises_its_reward(sd3_path, tmp_path, variant):
     rewards = _learns(cfg, 20)
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.01, rewards
+
+
+ONLINE_RECIPES = sorted(p for pat in ("dance_*.yaml", "mixgrpo_*.yaml", "branch_*.yaml")
+                        for p in (ROOT / "recipes").glob(pat))
+
+
+@pytest.mark.parametrize("recipe", ONLINE_RECIPES, ids=lambda p: p.name)
+def test_online_recipe_runs_one_step_on_tiny_pipeline(recipe, tmp_path):
+    """The shipped recipe on its family's tiny pipeline, with the redness reward (HPS/CLIP/ImageReward need
+    downloaded weights) and a small geometry; everything else (kernel, schedule, options) as shipped."""
+    import json
+
+    from flowalign.pipelines import tiny
+    from flowalign.trainer import Trainer
+
+    raw = load_config(recipe, ["sample.prompts=[a, b]", "eval.prompts=[a]"])
+    fam = raw.model.adapter
+    res = json.dumps(tiny.RESOLUTION[fam]).replace('"', "")
+    tree = raw.train.method == "branch_grpo"
+    G = 4 if tree else 2
+    overrides = [
+        f"model.path={tiny.cached(fam)}", f"model.kwargs={res}", "model.dtype=float32", "mixed_precision=no",
+        "model.lora.rank=2", "model.lora.alpha=4", "sample.prompts=[a red cat, a dog, a tree]",
+        "sample.prompts_per_round=2", f"sample.group_size={G}", f"sample.batch_size={G}", "sample.num_steps=4",
+        "reward.weights={redness: 1.0}", "train.advantage.per_reward=false", "eval.every=0",
+        "checkpoint.save_final=false", "max_iterations=1", f"output_dir={tmp_path}", "log.progress=false",
+    ]
+    if tree:
+        overrides += ["sample.schedule_options={branch_steps: [0, 2]}", "train.batch_size=4"]
+    if raw.sample.schedule == "sliding":
+        overrides.append("sample.schedule_options={size: 2, stride: 1, shift_interval: 1}")
+    trainer = Trainer(load_config(recipe, overrides))
+    before = [p.detach().clone() for p in trainer.params]
+    rec = trainer.step()
+    assert rec["samples"] == 2 * G and rec["num_updates"] > 0 and torch.isfinite(torch.tensor(rec["loss"]))
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))
+    assert rec["nfe_per_leaf"] > 0 and "train_nfe_per_leaf" in rec
+    trainer.method.close()

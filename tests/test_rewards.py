@@ -337,10 +337,6 @@ class ConstantReward(Reward):
         return torch.full((inputs.shape[0],), self.value)
 
 
-def mean_pixel(images, prompts, metadata):
-    return images.mean(dim=(1, 2, 3))
-
-
 def test_unknown_reward_lists_registered_names():
     with pytest.raises(ValueError) as e:
         get_reward("pikscore")
@@ -350,10 +346,24 @@ def test_unknown_reward_lists_registered_names():
         assert name in msg
 
 
-def test_module_attr_specs():
-    r = get_reward("tests.test_rewards:ConstantReward", value=2.0)
+def test_module_attr_specs(tmp_path, monkeypatch):
+    (tmp_path / "user_rewards_mod.py").write_text(textwrap.dedent("""
+        import torch
+        from flowalign.rewards import Reward
+        class Constant(Reward):
+            name = "constant_user"
+            def __init__(self, value=3.0, **kw):
+                super().__init__(**kw)
+                self.value = value
+            def score(self, inputs, prompts, metadata):
+                return torch.full((inputs.shape[0],), self.value)
+        def mean_pixel(images, prompts, metadata):
+            return images.mean(dim=(1, 2, 3))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = get_reward("user_rewards_mod:Constant", value=2.0)
     assert r(torch.zeros(3, 3, 4, 4)).tolist() == [2.0, 2.0, 2.0]
-    f = get_reward("tests.test_rewards:mean_pixel")
+    f = get_reward("user_rewards_mod:mean_pixel")
     assert f(torch.full((2, 3, 4, 4), 0.25)).tolist() == [0.25, 0.25]
     with pytest.raises(ValueError, match="cannot import module"):
         get_reward("no_such_pkg.mod:Thing")

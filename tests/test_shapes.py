@@ -253,9 +253,8 @@ def test_tokenizer_word_level():
     assert tok.unk_token_id not in ids[0]
     # every prompt of every level is in-vocabulary and fits
     for cfg in W.LEVELS.values():
-        for p in W.prompts(cfg, "all"):
-            t = tok(p).input_ids
-            assert tok.unk_token_id not in t and len(t) <= MAX_LENGTH
+        ids = tok(W.prompts(cfg, "all")).input_ids
+        assert all(tok.unk_token_id not in t and len(t) <= MAX_LENGTH for t in ids)
 
 
 def test_pipeline_save_load_round_trip(tiny_pipe, tmp_path):

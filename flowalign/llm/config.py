@@ -233,7 +233,8 @@ def validate(cfg: LLMConfig) -> None:
                          ("rollout.prompts_per_step", cfg.rollout.prompts_per_step, 1),
                          ("rollout.max_new_tokens", cfg.rollout.max_new_tokens, 1),
                          ("algo.num_iterations", cfg.algo.num_iterations, 1),
-                         ("algo.mini_batches", cfg.algo.mini_batches, 1), ("train.micro_batch", cfg.train.micro_batch, 1),
+                         ("algo.mini_batches", cfg.algo.mini_batches, 1),
+                         ("train.micro_batch", cfg.train.micro_batch, 1),
                          ("train.steps", cfg.train.steps, 0)]:
         if not isinstance(val, int) or val < lo:
             raise ValueError(f"{key} must be an int >= {lo}, got {val!r}")

@@ -14,7 +14,11 @@ string (kept); ``truncated`` marks rows that hit ``max_new_tokens`` without eith
 
 ``token_logps`` computes log softmax(z / T)[token] of the completion tokens for concat(prompt, completion),
 only projecting the completion positions (``logits_to_keep``), micro-batched, optionally with the entropy.
-Position ids follow the attention mask (left padding), the same positions the decode loop used.
+Position ids follow the attention mask (left padding), the same positions the decode loop used (RoPE is
+relative, so TRL's arange positions give the same values; the parity tests check it).
+``token_logps_grouped`` is the same computation with prefix sharing for rows that come in groups of G: each
+prompt runs once and its KV cache (with autograd) is repeated G times, so the training forward/backward covers
+``N_prompts * P + B * C`` positions instead of ``B * (P + C)``; the trainer uses it by default.
 """
 
 from __future__ import annotations

@@ -10,8 +10,13 @@ One step (``LLMTrainer.train_step``):
    (``beta > 0``; LoRA: adapters disabled) token log-probs;
 4. advantages from ``flowalign.advantages.ADVANTAGES`` (REINFORCE++ with KL-in-reward: token-level returns,
    whitened over tokens); MC-GRPO drops each group's median pivot;
-5. ``num_iterations`` x ``mini_batches`` optimizer steps, each accumulated over ``micro_batch`` rows with
-   step-level normalisers, so the accumulated loss equals the one-shot loss of the mini-batch.
+5. ``num_iterations`` x ``mini_batches`` optimizer steps (groups shuffled whole), each accumulated over
+   ``micro_batch`` rows with step-level normalisers, so the accumulated loss equals the one-shot loss of the
+   mini-batch. Speed, with the same loss and gradients: each prompt runs once per group in the training forward
+   (prefix sharing), and groups whose advantages are all 0 are not run at all when no KL/entropy term needs them.
+
+Several processes (``accelerate launch`` / ``torchrun``): each samples its own prompts; group statistics are
+local, batch statistics (batch std, GDPO, REINFORCE++ whitening) and the token/sequence normalisers are global.
 
 Logs are JSONL (``<output_dir>/metrics.jsonl``): reward per component, accuracy, response length, clip fractions,
 KL, entropy, timings per phase. Checkpoints hold the trainable weights (safetensors), optimizer, scheduler, RNG
@@ -23,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -35,7 +39,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from flowalign.advantages import ADVANTAGES, median_pivots, whiten
+from flowalign.advantages import ADVANTAGES, median_pivots, whiten, zero_std_groups
 from flowalign.llm.config import LLMConfig
 from flowalign.llm.losses import kl_estimate, policy_loss, token_returns_with_kl
 from flowalign.llm.model import load_model
@@ -143,7 +147,7 @@ class LLMTrainer:
                 ro, answers = self._sample(self._next_prompts(want - n_kept), G)
                 R = self.score(ro, answers)
                 info["groups_sampled"] += len(ro) // G
-            ok = ((R @ w).reshape(-1, G).std(1) > 0) if G > 1 else torch.ones(len(ro) // G, dtype=torch.bool)
+            ok = ~zero_std_groups(R @ w, G)[::G] if G > 1 else torch.ones(len(ro) // G, dtype=torch.bool)
             rows = ok.repeat_interleave(G).nonzero().flatten()
             if len(rows):
                 kept_ro.append(ro.index(rows.to(ro.completion_ids.device)))

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowalign import sde, tree as T
+from flowalign import sde
+from flowalign import tree as T
 from flowalign.config import ConfigError
 from flowalign.losses import POLICY_LOSSES, gaussian_kl
 from flowalign.methods.base import METHODS, Batch, Collected, TrainState, generator
@@ -166,9 +167,7 @@ class BranchGRPO(FlowGRPO):
         my_chunks = range(rt.rank * n_mine, (rt.rank + 1) * n_mine)
         tree0 = my_chunks.start * per_chunk  # global index of this process's first tree
         my_pids = prompt_ids[tree0: tree0 + n_mine * per_chunk].tolist()
-        neg = [s.negative_prompt] * len(my_pids) if self.need_uncond else None
-        with rt.autocast():
-            cond_all = self.adapter.encode([self.prompts[i] for i in my_pids], negative=neg)
+        neg = [s.negative_prompt] * per_chunk if self.need_uncond else None
 
         trees, futures, t_sample = [], [], 0.0
         for n, c in enumerate(my_chunks):
@@ -176,13 +175,15 @@ class BranchGRPO(FlowGRPO):
             pids = my_pids[rows]
             t0 = time.perf_counter()
             with rt.autocast():
+                # encoded per chunk: a chunk's rows (and so its floats) do not depend on the process count
+                cond = self.adapter.encode([self.prompts[p] for p in pids], negative=neg)
                 tr = T.sample_tree(self.adapter, [self.prompts[p] for p in pids], num_steps=s.num_steps,
                                    kernel=s.kernel, noise_level=s.noise_level, branching=o["branching"],
                                    split_noise_scale=float(o["split_noise_scale"]),
                                    split_logprob=o["split_logprob"], plan=plan, guidance=s.guidance,
                                    generator=generator(cfg.seed, "sample", it, c, device=rt.device),
                                    batch_size=s.batch_size, negative_prompt=s.negative_prompt,
-                                   reduction=s.reduction, density=s.density, cond=cond_all.index(rows))
+                                   reduction=s.reduction, density=s.density, cond=cond)
             t_sample += time.perf_counter() - t0
             images = tr.images.float().clamp(0, 1)
             leaf_pids = [p for p in pids for _ in range(G)]
@@ -229,7 +230,8 @@ class BranchGRPO(FlowGRPO):
             adv_all.append(adv[tr.parent >= 0])
             nfe += tr.nfe
         cat = T.Transitions(*(torch.cat([getattr(e, f) for e in edges]) for f in T.Transitions.__dataclass_fields__))
-        self._tree_store = _TreeStore(latents=torch.cat([tr.latents for tr in trees]), cond=cond_all,
+        self._tree_store = _TreeStore(latents=torch.cat([tr.latents for tr in trees]),
+                                      cond=Cond.cat([tr.cond for tr in trees]),
                                       sigmas=trees[0].sigmas, edges=cat)
         batches, num_updates, units, trained = self._tree_batches(it, tree0, n_mine * per_chunk, drop)
 
@@ -238,7 +240,7 @@ class BranchGRPO(FlowGRPO):
                             float(offset)], dtype=torch.float64, device=rt.device)
         g = rt.gather(vec.view(1, -1)).view(-1, 5).sum(0).cpu()
         leaves = float(total.numel())
-        adv = torch.cat(adv_all)
+        adv = rt.gather(torch.cat(adv_all).to(rt.device)).cpu()  # every tree has the same number of edges
         metrics = {"reward_mean": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
                    "adv_abs_mean": float(adv.abs().mean()), "zero_std_frac": float(zero.float().mean()),
                    "group_reward_std_mean": float(by_tree.std(1).mean()) if G > 1 else 0.0,

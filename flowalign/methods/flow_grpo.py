@@ -16,6 +16,11 @@ One iteration (flow_grpo ``scripts/train_sd3.py``, reference survey §2):
 5. **Loss** per row and step: PPO clip on ``ratio = exp(logp_theta - logp_old)`` with advantages clipped to
    ``adv_clip_max`` + ``beta`` x KL to the reference (LoRA disabled, no grad), weighted by
    ``1 / (rows of the update over all processes x trained steps)``.
+
+Recipes, not new methods: DanceGRPO = ``kernel: dance`` + ``same_noise`` + ``schedule: subsample`` (+
+``method_options.best_worst_k``: train only the best and worst ``k`` of each group, DanceGRPO ``--bestofn``);
+MixGRPO = ``schedule: sliding`` (+ ``method_options.ode_solver: dpm2`` / ``post_compress``: MixGRPO-Flash,
+``flowalign.solvers``); Flow-GRPO-Fast = ``schedule: window``; CPS = ``kernel: cps``.
 """
 
 from __future__ import annotations
