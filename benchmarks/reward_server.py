@@ -1,7 +1,7 @@
 """Reward-server throughput: 8 concurrent HTTP clients vs calling the same reward locally on the same images,
 with the server's dynamic batching on and off.
 
-The reward is a CLIP score on a random-weight open_clip ViT-B-32 (the real architecture; weights saved to a
+The reward is a CLIP score on a random-weight open_clip ViT-S-32 (the real architecture; weights saved to a
 temporary folder and loaded through ``CLIPScore.from_pretrained``, as users load downloaded weights). The server
 runs in its own process (``python -m flowalign.rewards.server``, loopback, token set), as it would next to a
 trainer; each client thread owns a ``RemoteReward`` and sends ``--requests`` requests of ``--images`` images
@@ -15,7 +15,7 @@ trainer; each client thread owns a ``RemoteReward`` and sends ``--requests`` req
 Each mode is timed ``--repeats`` times in interleaved (ABBA) order; the table shows median images/s and the
 ratio to ``local``. Results go to ``benchmarks/results/reward_server.json``.
 
-    .venv/bin/python benchmarks/reward_server.py              # ViT-B-32, 8 clients x 4 requests x 4 images
+    .venv/bin/python benchmarks/reward_server.py              # ViT-S-32, 8 clients x 2 requests x 4 images
     .venv/bin/python benchmarks/reward_server.py --model tiny  # seconds, for a smoke test
 """
 
@@ -91,11 +91,11 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights) or 'tiny'")
+    p.add_argument("--model", default="ViT-S-32", help="open_clip architecture (random weights) or 'tiny'")
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--requests", type=int, default=4, help="requests per client per round")
+    p.add_argument("--requests", type=int, default=2, help="requests per client per round")
     p.add_argument("--images", type=int, default=4, help="images per request")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels (resized to the model's 224)")
+    p.add_argument("--size", type=int, default=224, help="image side in pixels (resized to the model's input)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="reward_server")
     args = p.parse_args(argv)

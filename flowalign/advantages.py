@@ -19,6 +19,7 @@ Registered names (``ADVANTAGES.get(name)(rewards, group_size, **kw)``):
 ``reinforce_pp``   whiten_B(r - mean_g)  (REINFORCE++-baseline)                arXiv 2501.03262; verl
 ``median``         (r - median_g) / (MAD_g + eps), pivot -> 0                  MC-GRPO (arXiv 2601.22582)
 ``gdpo``           z_B( sum_k w_k z_g(r_k) )                                   GDPO (arXiv 2601.05242)
+``per_prompt``     (r - mean_p) / (std_p + eps) over prompt p's recent rewards  DDPO stat tracking (2305.13301)
 =================  =========================================================================================
 """
 
@@ -164,6 +165,40 @@ def gdpo(rewards: Tensor, group_size: int, weights: Sequence[float] | None = Non
     s = (z * w).sum(1)
     std_b = s.std() if s.numel() > 1 else s.new_tensor(1.0)
     return (s - s.mean()) / (std_b + eps)
+
+
+@ADVANTAGES.register("per_prompt")
+def per_prompt(rewards: Tensor, group_size: int, keys: Sequence[str] | None = None,
+               history: dict[str, list[float]] | None = None, buffer_size: int = 16, min_count: int = 16,
+               eps: float = 1e-6) -> Tensor:
+    """DDPO per-prompt stat tracking (kvablack/ddpo-pytorch ``stat_tracking.py``).
+
+    Each prompt's rewards of this round join its history (the last ``buffer_size`` kept); a prompt with at least
+    ``min_count`` rewards is normalised by its history's mean/std, otherwise by the whole round's:
+    ``A = (r - mean) / (std + eps)``, population std (``np.std``) as DDPO. ``keys`` name each row's prompt
+    (default: its group index); pass the same ``history`` dict every round to track across rounds (it is updated
+    in place and is plain JSON for checkpoints). Without a history each call starts fresh.
+    """
+    r = check_rewards(rewards, group_size)
+    keys = [str(i // group_size) for i in range(len(r))] if keys is None else [str(k) for k in keys]
+    if len(keys) != len(r):
+        raise ValueError(f"keys has {len(keys)} entries for {len(r)} rewards")
+    if buffer_size < 1 or min_count < 0:
+        raise ValueError(f"buffer_size must be >= 1 and min_count >= 0, got {buffer_size}, {min_count}")
+    history = {} if history is None else history
+    adv = torch.empty_like(r)
+    batch_mean, batch_std = r.mean(), r.std(unbiased=False)
+    for key in dict.fromkeys(keys):  # unique, in order
+        rows = torch.tensor([i for i, k in enumerate(keys) if k == key])
+        hist = (history.get(key, []) + r[rows].tolist())[-buffer_size:]
+        history[key] = hist
+        if len(hist) < min_count:
+            mean, std = batch_mean, batch_std
+        else:
+            h = torch.tensor(hist, dtype=torch.float64)
+            mean, std = h.mean().float(), h.std(unbiased=False).float()
+        adv[rows] = (r[rows] - mean) / (std + eps)
+    return adv
 
 
 def zero_std_groups(rewards: Tensor, group_size: int, atol: float = 0.0) -> Tensor:

@@ -4,6 +4,7 @@
     accelerate launch --num_processes 8 -m flowalign.cli train recipes/x.yaml ...   # multi-GPU
     torchrun --standalone --nproc_per_node 2 -m flowalign.cli train recipes/x.yaml  # CPU processes (gloo)
     flowalign train --help-config                                                   # every key, type and help
+    flowalign label serve runs/d3po/labels                                          # human preference labels
 
 ``COMMANDS`` maps a name to ``("module:function", help)``; the function takes the remaining argv and returns an
 exit code. Targets are imported only when their command runs, so a heavy or missing optional module never slows
@@ -22,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("flowalign.cli:train_main", "train a recipe: flowalign train RECIPE.yaml [key=value ...]"),
     "eval": ("flowalign.eval.cli:eval_main", "deterministic generation + rewards of base/LoRA variants"),
     "gallery": ("flowalign.eval.cli:gallery_main", "static HTML gallery of an eval folder"),
+    "demo": ("flowalign.demo:demo_main", "align the embedded shapes model with Flow-GRPO on CPU; before/after + gallery"),
+    "doctor": ("flowalign.doctor:doctor_main", "port-a-model checklist: flowalign doctor RECIPE.yaml [key=value ...]"),
+    "label": ("flowalign.labeling:label_main", "label preference pairs in a browser: flowalign label serve DIR"),
 }
 
 

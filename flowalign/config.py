@@ -125,7 +125,8 @@ class TrainSection:
     clip_range_lt: float | None = _f(None, "Lower clip (ratio >= 1 - lt); null = clip_range.")
     clip_range_gt: float | None = _f(None, "Upper clip (ratio <= 1 + gt); null = clip_range.")
     adv_clip_max: float = _f(5.0, "Clip advantages to [-adv_clip_max, adv_clip_max] (flow_grpo 5).")
-    beta: float = _f(0.0, "KL-to-reference coefficient (flow_grpo 0.04 GenEval/OCR, 0.01 PickScore, 0 Fast/FLUX).")
+    beta: float = _f(0.0, "KL-to-reference coefficient (flow_grpo 0.04 GenEval/OCR, 0.01 PickScore, 0 Fast/FLUX); "
+                          "the preference beta of d3po (0.1), dpo (epsilon 5000, flow 100) and prdp.")
     kl: Literal["flow_grpo", "exact"] = _f("flow_grpo", (
         "KL form: 'exact' = mean((mu-mu_ref)^2)/(2 std^2); 'flow_grpo' = that times |dt| (train_sd3.py)."))
     train_cfg: bool = _f(True, "Train the CFG-combined policy (flow_grpo train.cfg); false = CFG-free policy.")
@@ -187,6 +188,9 @@ class Config:
     max_minutes: float | None = _f(None, "Also stop (and save) after this many minutes of wall time.")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate mixed precision (autocast).")
     cpu: bool = _f(False, "Force CPU even when an accelerator is present.")
+    deterministic: bool = _f(False, (
+        "Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no TF32, "
+        "CUBLAS_WORKSPACE_CONFIG): rollout and training forwards agree bit-for-bit on GPU; slower."))
     resume: str | None = _f(None, "'latest' or a checkpoint directory to continue from (bit-exact on CPU).")
 
     # --------------------------------------------------------------------------------------- helpers
@@ -440,7 +444,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
     if cfg.model.lora.rank is not None and cfg.model.lora.rank < 1:
         raise ConfigError(f"model.lora.rank must be >= 1, got {cfg.model.lora.rank}")
-    if not (isinstance(s.prompts, str) or s.prompts):
+    if not (isinstance(s.prompts, str) or s.prompts) and not _offline_method(t.method):
         raise ConfigError("sample.prompts is empty: give a list of prompts or a .txt/.jsonl path")
     if isinstance(s.prompts, str):
         load_prompts(s.prompts, "sample.prompts")
@@ -514,6 +518,16 @@ def _validate(cfg: Config) -> None:
 
     _registered(METHODS, t.method, "train.method")
     METHODS.get(t.method).check_config(cfg)
+
+
+def _offline_method(name: str) -> bool:
+    """Methods with ``offline = True`` (e.g. ``dpo``) train from files and sample no prompts."""
+    from flowalign.methods import METHODS
+
+    try:
+        return bool(getattr(METHODS.get(name), "offline", False))
+    except ValueError:
+        return False  # reported by the train.method check below
 
 
 def _check_adapter(name: str) -> None:

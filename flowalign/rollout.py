@@ -95,7 +95,7 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
            guidance: float = 1.0, generator: torch.Generator | None = None, same_noise: bool = False,
            batch_size: int | None = None, negative_prompt: str = "", reduction: str = "mean",
            density: str = "gaussian", decode: bool = True, cond: Cond | None = None, ode_solver: str = "euler",
-           post_compress: float = 1.0) -> Trajectory:
+           post_compress: float = 1.0, return_means: bool = False) -> Trajectory:
     """Sample ``group_size`` chains per prompt and record every transition's log-prob.
 
     ``plan`` (default: every step SDE, first 99% trained) says which steps use ``kernel``; others use the
@@ -105,6 +105,8 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
     ``ode_solver="dpm2"`` / ``post_compress < 1`` (MixGRPO-Flash, ``flowalign.solvers``): the deterministic steps
     after the last SDE step use DPM-Solver++(2M) on a coarser subset of the grid; the trajectory then has fewer
     steps (its ``sigmas`` and masks say which), with every step up to the end of the window unchanged.
+    ``return_means`` keeps each SDE step's fp32 Gaussian mean in ``extras["means"]`` ``[B, N, *latent]`` (0 at ODE
+    steps): GRPO-Guard re-centres the ratio with it (``flowalign.losses.ratio_norm``).
     """
     prompts = Adapter.check_prompts(prompts)
     if not isinstance(group_size, int) or group_size < 1:
@@ -143,6 +145,7 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
     latents = torch.empty((B, num_steps + 1, *x.shape[1:]), dtype=x.dtype, device=x.device)
     latents[:, 0] = x
     log_probs = torch.zeros(B, num_steps, dtype=torch.float32, device=x.device)
+    means = torch.zeros((B, num_steps, *x.shape[1:]), dtype=torch.float32, device=x.device) if return_means else None
     det_kernel, det_level = _deterministic_kernel(adapter)
     chunks = _chunks(B, batch_size)
     nfe = 0
@@ -168,6 +171,8 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
             nxt[sl] = st.x_next
             if stochastic:
                 log_probs[sl, i] = st.log_prob
+                if means is not None:
+                    means[sl, i] = st.mean
         x = nxt
         latents[:, i + 1] = x
 
@@ -179,7 +184,7 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
         train_mask=train_mask, prompt_idx=torch.arange(P).repeat_interleave(G), prompts=prompts,
         cond=cond_b, images=images, kernel=kernel, noise_level=float(noise_level), guidance=float(guidance),
         reduction=reduction, density=density, nfe=nfe,
-        extras={"branch_steps": list(plan.branch_steps)},
+        extras={"branch_steps": list(plan.branch_steps), **({"means": means} if means is not None else {})},
     )
 
 

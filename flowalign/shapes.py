@@ -32,6 +32,7 @@ terms, smaller shapes and both backgrounds.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import asdict, dataclass, field
@@ -198,32 +199,40 @@ def parse(prompt: str) -> Spec:
 
 # -- enumeration and splits ------------------------------------------------------------------------------------------
 def _object_types(cfg: WorldConfig) -> list[tuple[str, str]]:
+    """(color, shape) pairs of the level, in a fixed order."""
     return [(c, s) for c in cfg.colors for s in cfg.shapes]
 
 
 def all_specs(cfg: WorldConfig) -> list[Spec]:
     """Every prompt of the level: single terms (color x shape x count) and relations between distinct objects."""
+    return list(_all_specs(cfg))
+
+
+@functools.lru_cache(maxsize=16)
+def _all_specs(cfg: WorldConfig) -> tuple[Spec, ...]:
     out = [Spec((ObjSpec(c, s, n),)) for (c, s) in _object_types(cfg) for n in cfg.counts]
     for a, b in itertools.permutations(_object_types(cfg), 2):
         for na, nb in itertools.product(cfg.relation_counts, repeat=2):
             for rel in cfg.relations:
                 out.append(Spec((ObjSpec(*a, na), ObjSpec(*b, nb)), rel))
-    return out
+    return tuple(out)
 
 
-def _heldout_keys(cfg: WorldConfig) -> tuple[set, set]:
+@functools.lru_cache(maxsize=16)
+def _heldout_keys(cfg: WorldConfig) -> tuple[frozenset, frozenset]:
     """Held-out single triples and unordered object pairs, by a permutation seeded with ``cfg.split_seed``."""
     rng = np.random.default_rng(cfg.split_seed)
     singles = [(c, s, n) for (c, s) in _object_types(cfg) for n in cfg.counts]
     pairs = [frozenset(p) for p in itertools.combinations(_object_types(cfg), 2)]
-    k1 = int(round(cfg.heldout_fraction * len(singles)))
-    k2 = int(round(cfg.heldout_fraction * len(pairs)))
+    k1 = round(cfg.heldout_fraction * len(singles))
+    k2 = round(cfg.heldout_fraction * len(pairs))
     held_s = {singles[i] for i in rng.permutation(len(singles))[:k1]}
     held_p = {pairs[i] for i in rng.permutation(len(pairs))[:k2]}
-    return held_s, held_p
+    return frozenset(held_s), frozenset(held_p)
 
 
 def is_heldout(spec: Spec, cfg: WorldConfig) -> bool:
+    """Whether ``spec`` is an unseen combination of the level (its object pair / single triple is held out)."""
     held_s, held_p = _heldout_keys(cfg)
     if spec.relation is None:
         o = spec.objects[0]
@@ -235,21 +244,25 @@ def split(cfg: WorldConfig, which: str) -> list[Spec]:
     """``which`` in {"train", "heldout", "all"}: the level's prompts in a fixed order."""
     if which not in ("train", "heldout", "all"):
         raise ValueError(f"which must be 'train', 'heldout' or 'all', got {which!r}")
-    specs = all_specs(cfg)
+    return list(_split(cfg, which))
+
+
+@functools.lru_cache(maxsize=48)
+def _split(cfg: WorldConfig, which: str) -> tuple[Spec, ...]:
+    specs = _all_specs(cfg)
     if which == "all":
         return specs
-    held_s, held_p = _heldout_keys(cfg)
+    return tuple(s for s in specs if is_heldout(s, cfg) == (which == "heldout"))
 
-    def held(s: Spec) -> bool:
-        if s.relation is None:
-            o = s.objects[0]
-            return (o.color, o.shape, o.count) in held_s
-        return frozenset((o.color, o.shape) for o in s.objects) in held_p
 
-    return [s for s in specs if held(s) == (which == "heldout")]
+@functools.lru_cache(maxsize=48)
+def _split_by_kind(cfg: WorldConfig, which: str) -> tuple[tuple[Spec, ...], tuple[Spec, ...]]:
+    specs = _split(cfg, which)
+    return tuple(s for s in specs if s.relation is None), tuple(s for s in specs if s.relation is not None)
 
 
 def prompts(cfg: WorldConfig, which: str = "train") -> list[str]:
+    """The prompt strings of a split (see :func:`split`)."""
     return [s.prompt for s in split(cfg, which)]
 
 
@@ -264,9 +277,9 @@ def eval_prompts(cfg: WorldConfig, which: str = "heldout", n: int | None = None,
 
 def sample_specs(cfg: WorldConfig, n: int, rng: np.random.Generator, which: str = "train") -> list[Spec]:
     """``n`` specs of a split: relation prompts with probability ``cfg.p_relation``, then uniform within the kind."""
-    specs = split(cfg, which)
-    singles = [s for s in specs if s.relation is None]
-    rels = [s for s in specs if s.relation is not None]
+    if which not in ("train", "heldout", "all"):
+        raise ValueError(f"which must be 'train', 'heldout' or 'all', got {which!r}")
+    singles, rels = _split_by_kind(cfg, which)
     out = []
     for _ in range(n):
         pool = rels if (rels and (not singles or rng.random() < cfg.p_relation)) else singles
@@ -296,6 +309,8 @@ class Obj:
 
 @dataclass(frozen=True)
 class Scene:
+    """What the renderer draws: placed objects on a named background."""
+
     objects: tuple[Obj, ...]
     background: str = "white"
 
@@ -438,6 +453,8 @@ def to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
 
 @dataclass
 class Batch:
+    """Ground-truth pairs: images, their prompts, parsed specs and the scenes drawn."""
+
     images: torch.Tensor  # float [B, 3, H, W] in [0, 1]
     prompts: list[str]
     specs: list[Spec]

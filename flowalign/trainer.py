@@ -196,6 +196,10 @@ class Trainer:
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise NotImplementedError(f"{acc.distributed_type} sharding is not supported yet; launch plain "
                                       "data-parallel (accelerate launch --multi_gpu / --cpu)")
+        if cfg.deterministic:  # before any kernel runs (cuBLAS reads its workspace config once)
+            from flowalign.doctor import set_deterministic
+
+            set_deterministic(True)
         set_seed(cfg.seed)  # LoRA init etc.: identical on every process
         self.device = acc.device
 
@@ -307,6 +311,13 @@ class Trainer:
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
         return out.to(t.device)
 
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return t
+        out = t.to(self.device)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+        return out.to(t.device)
+
     def _sum_grads(self) -> None:
         """Sum the trainable gradients over processes (the method's loss is globally normalised).
 
@@ -341,7 +352,7 @@ class Trainer:
         for b in col.batches:
             by_update.setdefault(b.update, []).append(b)
         sums: dict[str, float] = {}
-        count = 0
+        counts: dict[str, int] = {}  # per key: a metric may come from some micro-batches only
         grad_norms, losses = [], []
         self.optimizer.zero_grad(set_to_none=True)
         for u in range(col.num_updates):
@@ -351,8 +362,11 @@ class Trainer:
                 acc.backward(loss)
                 loss_sum += float(loss.detach())
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
+                    v, old = float(v), sums.get(k)
+                    # *_max / *_min keys keep their extreme, the rest their mean over the batches reporting them
+                    sums[k] = v if old is None else max(old, v) if k.endswith("_max") else min(old, v) \
+                        if k.endswith("_min") else old + v
+                    counts[k] = counts.get(k, 0) + 1
             self._sum_grads()
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
             norm = acc.clip_grad_norm_(self.params, max_norm)
@@ -368,11 +382,17 @@ class Trainer:
         self.state.iteration += 1
         self.state.samples += col.num_samples * acc.num_processes
 
-        # per-micro-batch metrics: mean over this process's batches, then over processes
+        # per-micro-batch metrics: mean over the batches reporting them (all processes); *_max/*_min: extremes
         keys = sorted(sums)
-        vec = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
-        vec = self.all_reduce_sum(vec)
-        loss_metrics = {k: vec[i].item() / max(vec[-1].item(), 1.0) for i, k in enumerate(keys)}
+        ext = [k for k in keys if k.endswith(("_max", "_min"))]
+        avg = [k for k in keys if k not in ext]
+        vec = self.all_reduce_sum(torch.tensor([sums[k] for k in avg] + [float(counts[k]) for k in avg],
+                                               dtype=torch.float64))
+        loss_metrics = {k: vec[i].item() / max(vec[len(avg) + i].item(), 1.0) for i, k in enumerate(avg)}
+        signed = torch.tensor([sums[k] if k.endswith("_max") else -sums[k] for k in ext], dtype=torch.float64)
+        signed = self.all_reduce_max(signed)
+        loss_metrics.update({k: signed[i].item() if k.endswith("_max") else -signed[i].item()
+                             for i, k in enumerate(ext)})
         it_time = t2 - t0
         record = {
             "iteration": self.state.iteration, "global_step": self.state.global_step,

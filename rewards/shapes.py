@@ -5,13 +5,14 @@
 1. *Segmentation.* The background ``b`` is the median of the border pixels. A pixel ``p`` is read as a mix of the
    background and palette color ``c``: coverage ``alpha_c = <p - b, c - b> / |c - b|^2`` and residual
    ``r_c = |p - b - alpha_c (c - b)|`` (RGB in [0, 1]). It is labelled ``argmin_c r_c`` over colors with
-   ``alpha_c >= 1/2`` (more than half covered: the right cut for anti-aliased edges) and ``r_c <= color_threshold``;
-   otherwise background / unlabelled (mud).
+   ``alpha_c >= 1/2`` (more than half covered: the right cut for anti-aliased edges), ``r_c <= color_threshold``
+   and a *core* pixel of that color (best explained by ``c`` with ``0.8 <= alpha_c <= 1.25``) among its 8 neighbours; otherwise background /
+   unlabelled (mud, or the rim of another color).
 2. *Objects.* Connected components (4-connectivity, ``scipy.ndimage.label``) of each color mask with at least
    ``min_area`` pixels (default ``WorldConfig.min_area``, 30% of the smallest triangle).
-3. *Shape.* Each component is compared with the three templates fitted to its bounding box (full box, inscribed
-   ellipse, upright isosceles triangle): ``shape = argmax IoU(mask, template)``; below ``min_iou`` it is a blob
-   (an unrecognised object, which still counts against the ``only`` clause).
+3. *Shape.* The component's soft coverage ``alpha_c`` is compared with each shape fitted by moments (same area
+   and centroid, rendered anti-aliased): ``shape = argmax soft-IoU``; below ``min_iou`` it is a blob (an
+   unrecognised object, which still counts against the ``only`` clause).
 4. *Clauses* of the parsed prompt (``flowalign.shapes``): exact count per term, the relation between centres with
    ``relation_margin``, and ``only`` (no other objects). ``mode="strict"`` returns 1 iff all hold (GenEval's
    strict accuracy), ``"partial"`` the fraction that holds, ``"strict+partial"`` their sum (the RL reward of the
@@ -57,33 +58,46 @@ class Detection:
     iou: float
 
 
-def _templates(h: int, w: int, pad: float = 0.0) -> dict[str, np.ndarray]:
-    """Boolean templates of each shape fitted to an ``h x w`` box grown by ``pad`` px on every side (a shape whose
-    extreme rows are less than half covered loses them in the mask), sampled at pixel centres."""
-    y = (np.arange(h) + 0.5)[:, None]
-    x = (np.arange(w) + 0.5)[None, :]
-    rx, ry = w / 2 + pad, h / 2 + pad
-    square = np.ones((h, w), dtype=bool)
-    circle = ((x - w / 2) / rx) ** 2 + ((y - h / 2) / ry) ** 2 <= 1.0
-    triangle = np.abs(x - w / 2) <= rx * (y + pad) / (h + 2 * pad)
-    return {"circle": circle, "square": square, "triangle": triangle}
+_SS = 4  # supersampling of the template coverage maps
 
 
-_PADS = (0.0, 0.5, 1.0)
+def _template_coverage(shape: str, area: float, cx: float, cy: float, h: int, w: int) -> np.ndarray:
+    """Anti-aliased coverage ``[h, w]`` of ``shape`` with the given area and centroid (crop pixel units), each pixel
+    the mean of ``_SS x _SS`` point samples. Sizes from the area: square side ``sqrt(A)``, circle diameter
+    ``sqrt(4A/pi)``, upright triangle base = height = ``sqrt(2A)`` with its centroid at 2/3 of the height."""
+    y = (np.arange(h * _SS) + 0.5)[:, None] / _SS
+    x = (np.arange(w * _SS) + 0.5)[None, :] / _SS
+    if shape == "square":
+        r = np.sqrt(area) / 2
+        inside = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)
+    elif shape == "circle":
+        r = np.sqrt(area / np.pi)
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    else:  # triangle, apex up
+        s = np.sqrt(2 * area)
+        y0 = cy - 2 * s / 3
+        inside = (y >= y0) & (y <= y0 + s) & (np.abs(x - cx) <= (s / 2) * (y - y0) / s)
+    return inside.reshape(h, _SS, w, _SS).mean((1, 3))
 
 
-def classify(mask: np.ndarray) -> tuple[str, float]:
-    """``(shape, IoU)`` of a component mask cropped to its bounding box: argmax IoU over the templates fitted to
-    the box (each at pads 0, 1/2, 1 px)."""
-    h, w = mask.shape
+def classify(coverage: np.ndarray) -> tuple[str, float]:
+    """``(shape, soft IoU)`` of one object's coverage map ``[h, w]`` in [0, 1] (zero outside the object).
+
+    Each shape is fitted by moments (same area ``A = sum(coverage)`` and centroid) and rendered anti-aliased;
+    ``IoU = sum(min(c, t)) / sum(max(c, t))``; the best shape wins. Works from ~8 px objects up, where binary
+    masks can no longer tell a half-pixel-offset square from a circle."""
+    h, w = coverage.shape
+    area = float(coverage.sum())
+    if area <= 0:
+        return "blob", 0.0
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    cx, cy = float((coverage * xs).sum() / area), float((coverage * ys).sum() / area)
     best, best_iou = "blob", 0.0
-    area = mask.sum()
-    for pad in _PADS:
-        for name, t in _templates(h, w, pad).items():
-            inter = (mask & t).sum()
-            iou = float(inter / max(area + t.sum() - inter, 1))
-            if iou > best_iou:
-                best, best_iou = name, iou
+    for name in SHAPES:
+        t = _template_coverage(name, area, cx, cy, h, w)
+        iou = float(np.minimum(coverage, t).sum() / max(np.maximum(coverage, t).sum(), 1e-9))
+        if iou > best_iou:
+            best, best_iou = name, iou
     return best, best_iou
 
 
@@ -93,6 +107,7 @@ def detect(image: np.ndarray, cfg: WorldConfig, color_threshold: float = 0.25, m
     from scipy import ndimage
 
     img = np.asarray(image, dtype=np.float32)
+    H, W_ = img.shape[:2]
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg = np.median(border, axis=0)
     names = list(cfg.colors)
@@ -101,10 +116,17 @@ def detect(image: np.ndarray, cfg: WorldConfig, color_threshold: float = 0.25, m
     q = img - bg  # [H, W, 3]
     alpha = (q @ v.T) / (v * v).sum(-1)  # [H, W, K]: coverage of color k if the pixel mixes bg and color k
     resid = np.linalg.norm(q[:, :, None, :] - alpha[..., None] * v[None, None], axis=-1)
-    resid = np.where(alpha >= 0.5, resid, np.inf)
-    lab = resid.argmin(-1)
-    lab[resid.min(-1) > color_threshold] = -1
+    ok = (resid <= color_threshold) & (alpha >= 0.5)
+    best = np.where(ok, resid, np.inf).argmin(-1)
+    # cores: pixels best explained by (nearly) pure color k; an edge pixel (alpha >= 1/2) only counts next to a core
+    # of its color, so the anti-aliased rim of red on white (which is also a plausible pure pink) is never an object
+    core = ok & (alpha >= 0.8) & (alpha <= 1.25) & (best[..., None] == np.arange(len(names)))
+    near = np.stack([ndimage.binary_dilation(core[..., k], np.ones((3, 3), bool)) for k in range(len(names))], -1)
+    cand = np.where(ok & near, resid, np.inf)
+    lab = cand.argmin(-1)
+    lab[~np.isfinite(cand.min(-1))] = -1
     min_area = cfg.min_area if min_area is None else min_area
+    cov = np.clip(alpha, 0.0, 1.0)
     out: list[Detection] = []
     for k, name in enumerate(names):
         comps, n = ndimage.label(lab == k)
@@ -115,7 +137,12 @@ def detect(image: np.ndarray, cfg: WorldConfig, color_threshold: float = 0.25, m
             area = int(m.sum())
             if area < min_area:
                 continue
-            shape, iou = classify(m)
+            # soft coverage over the box grown by 1 px, restricted to the component and its 1-px ring
+            y0, y1 = max(sl[0].start - 1, 0), min(sl[0].stop + 1, H)
+            x0, x1 = max(sl[1].start - 1, 0), min(sl[1].stop + 1, W_)
+            region = ndimage.binary_dilation(comps[y0:y1, x0:x1] == i, np.ones((3, 3), bool))
+            region &= (lab[y0:y1, x0:x1] == k) | (lab[y0:y1, x0:x1] == -1)
+            shape, iou = classify(cov[y0:y1, x0:x1, k] * region)
             if iou < min_iou:
                 shape = "blob"
             # bounding-box centre (as the renderer's Obj.cx/cy; a triangle's centroid would sit h/6 lower)
@@ -216,7 +243,7 @@ class ShapesProxy(Reward):
     def score(self, inputs: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
         cfg = self.world
         x = inputs.float()
-        B, _, H, W = x.shape
+        _, _, H, W = x.shape
         names = list(cfg.colors) + list(cfg.backgrounds)
         refs = torch.tensor([PALETTE[c] for c in cfg.colors] + [BACKGROUNDS[b] for b in cfg.backgrounds],
                             dtype=x.dtype, device=x.device) / 255.0  # [K, 3]

@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log", type=str, default=str(ROOT / "outputs" / "pretrain_shapes" / "log.jsonl"),
                    help="JSONL metrics")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: evaluate the pipeline in --out (--final-per-prompt samples per prompt) and "
+                        "update the accuracy in its TRAINING.json")
     return p.parse_args(argv)
 
 
@@ -112,6 +115,46 @@ def evaluate(pipe: ShapesPipeline, verifier: ShapesGenEval, prompts: list[str], 
             "strict_se": float(sp.std() / math.sqrt(len(prompts))) if len(prompts) > 1 else 0.0}
 
 
+def evaluate_all(pipe: ShapesPipeline, verifier: ShapesGenEval, heldout: list[str], train_eval: list[str], k: int,
+                 args: argparse.Namespace) -> dict:
+    """Held-out accuracy at CFG 1 and ``--eval-cfg``, train-prompt accuracy at CFG 1 (``k`` samples per prompt)."""
+    rec: dict = {"per_prompt": k}
+    for gname, g in (("cfg1", 1.0), (f"cfg{args.eval_cfg:g}", args.eval_cfg)):
+        r = evaluate(pipe, verifier, heldout, k, args.eval_steps, g, seed=1234)
+        rec.update({f"heldout_{gname}_{m}": round(v, 4) for m, v in r.items()})
+    r = evaluate(pipe, verifier, train_eval, k, args.eval_steps, 1.0, seed=1234)
+    rec.update({f"train_cfg1_{m}": round(v, 4) for m, v in r.items()})
+    return rec
+
+
+def eval_only(args: argparse.Namespace) -> None:
+    """Re-measure a saved pipeline (e.g. after a verifier change) and update its TRAINING.json atomically."""
+    out = Path(args.out)
+    info_path = out / "TRAINING.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    level = info.get("level", args.level)
+    cfg = W.WorldConfig.from_dict(info["world"]) if "world" in info else W.LEVELS[level]
+    pipe = ShapesPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    seed = info.get("args", {}).get("seed", args.seed)
+    heldout = W.prompts(cfg, "heldout")
+    train_eval = W.eval_prompts(cfg, "train", n=len(heldout), seed=seed)
+    t = time.time()
+    rec = evaluate_all(pipe, ShapesGenEval(mode="strict", level=cfg), heldout, train_eval, args.final_per_prompt,
+                       args)
+    rec["eval_seconds"] = round(time.time() - t, 1)
+    print(json.dumps(rec), flush=True)
+    info["heldout_accuracy"] = {k: v for k, v in rec.items() if k.startswith("heldout_")}
+    info["train_prompt_accuracy"] = {k: v for k, v in rec.items() if k.startswith("train_")}
+    info["accuracy_per_prompt"] = rec["per_prompt"]
+    info["reevaluated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    info["reevaluated_note"] = ("heldout_accuracy / train_prompt_accuracy re-measured by --eval-only with the current "
+                                "verifier; the curve keeps the values measured during training")
+    tmp = info_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, info_path)
+
+
 def save_atomic(pipe: ShapesPipeline, out: Path, info: dict) -> None:
     """``save_pretrained`` into ``out.tmp``, then swap it in place of ``out`` (never a half-written folder)."""
     tmp = out.with_name(out.name + ".tmp")
@@ -129,6 +172,8 @@ def save_atomic(pipe: ShapesPipeline, out: Path, info: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.eval_only:
+        return eval_only(args)
     torch.manual_seed(args.seed)
     cfg = W.LEVELS[args.level]
     out = Path(args.out)
@@ -186,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         step, seen, curve, loss_avg = st["step"], st["seen"], st["curve"], st["loss_avg"]
         gen.set_state(st["gen"])
         data_rng.bit_generator.state = st["data_rng"]
-        emit({"event": "resume", "step": step, "images": seen})
+        prior_min = float(st.get("minutes", curve[-1]["minutes"] if curve else 0.0))
+        t0 -= prior_min * 60  # minutes in the log stay cumulative over resumed runs
+        emit({"event": "resume", "step": step, "images": seen, "minutes": prior_min})
 
     def do_eval(final: bool = False) -> None:
         with torch.no_grad():
@@ -195,12 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         te0 = time.time()
         rec = {"event": "eval", "step": step, "images": seen, "minutes": round((time.time() - t0) / 60, 2)}
         k = args.final_per_prompt if final else args.eval_per_prompt
-        rec["per_prompt"] = k
-        for gname, g in (("cfg1", 1.0), (f"cfg{args.eval_cfg:g}", args.eval_cfg)):
-            r = evaluate(eval_pipe, verifier, heldout, k, args.eval_steps, g, seed=1234)
-            rec.update({f"heldout_{gname}_{k_}": round(v, 4) for k_, v in r.items()})
-        r = evaluate(eval_pipe, verifier, train_eval, k, args.eval_steps, 1.0, seed=1234)
-        rec.update({f"train_cfg1_{k_}": round(v, 4) for k_, v in r.items()})
+        rec.update(evaluate_all(eval_pipe, verifier, heldout, train_eval, k, args))
         rec["eval_seconds"] = round(time.time() - te0, 1)
         rec["loss_ema"] = loss_avg
         curve.append(rec)
@@ -209,16 +251,18 @@ def main(argv: list[str] | None = None) -> None:
                 "eval": {"prompts": "heldout split (all prompts) x eval_per_prompt", "sampler": "Euler ODE",
                          "steps": args.eval_steps, "seed": 1234},
                 "heldout_accuracy": {k: v for k, v in rec.items() if k.startswith("heldout_")},
+                "train_prompt_accuracy": {k: v for k, v in rec.items() if k.startswith("train_")},
+                "accuracy_per_prompt": rec["per_prompt"],
                 "curve": curve}
         save_atomic(eval_pipe, out, info)
         state = Path(args.state)
         state.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": [p.detach() for p in params], "ema": ema.shadow, "opt": opt.state_dict(), "step": step,
                     "seen": seen, "gen": gen.get_state(), "data_rng": data_rng.bit_generator.state, "curve": curve,
-                    "loss_avg": loss_avg}, str(state) + ".tmp")
+                    "loss_avg": loss_avg, "minutes": (time.time() - t0) / 60}, str(state) + ".tmp")
         os.replace(str(state) + ".tmp", state)
 
-    budget = args.minutes * 60
+    budget = (time.time() - t0) + args.minutes * 60  # --minutes more, also when resuming
     while True:
         if args.max_steps is not None and step >= args.max_steps:
             break

@@ -174,3 +174,135 @@ def test_gradient_matches_finite_differences_float64(case):
     for an, fd in pairs:
         assert abs(an) > 1e-6, f"{case}: vanishing directional derivative {an}"
         assert abs(an - fd) <= 1e-6 * abs(an), f"{case}: autograd {an!r} vs finite differences {fd!r}"
+
+
+def test_checkpointing_changes_no_gradient():
+    adapter, params = f64_adapter("shapes")
+    grads = []
+    for ckpt in (True, False):
+        cfg = make_cfg("alignprop", {"truncation": "none", "checkpoint": ckpt, "checkpoint_decode": ckpt}, steps=3)
+        method, batch = method_and_batch(cfg, adapter)
+        grads.append(torch.cat([g.flatten() for g in autograd_grad(method, batch, params)]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-15)
+
+
+def test_leapalign_nested_term_is_discounted_linearly_not_dropped():
+    """g(a) = g_direct + a g_nested: the scale a of the gradient through the network input at j is exactly linear,
+    and the nested term is not zero (a = 0 would drop it, as DRTune does)."""
+    adapter, params = f64_adapter("shapes")
+    g = {}
+    for a in (0.0, 0.3, 1.0):
+        method, batch = method_and_batch(make_cfg("leapalign", {"nested_scale": a}, steps=4), adapter)
+        g[a] = torch.cat([x.flatten() for x in autograd_grad(method, batch, params)])
+    nested = g[1.0] - g[0.0]
+    assert nested.norm() > 1e-3 * g[1.0].norm()
+    torch.testing.assert_close(g[0.3], 0.7 * g[0.0] + 0.3 * g[1.0], rtol=1e-9, atol=1e-14)
+
+
+def _plain_sample_images(method, batch):
+    """Images of the plain no-grad ODE chain from the batch's own noise (what the straight-through reward sees)."""
+    from flowalign.methods.base import generator
+
+    a, d = method.adapter, batch.data
+    x = torch.cat([a.init_noise(1, generator(method.cfg.seed, "noise", d["iteration"], int(r))) for r in d["rows"]])
+    cond = a.encode([method.prompts[int(p)] for p in d["pids"]])
+    with torch.no_grad():
+        return a.decode(ds.integrate(a, x, cond, a.sigmas(method.cfg.sample.num_steps)).x)
+
+
+@pytest.mark.parametrize("method_name,options", [("leapalign", {}), ("refl", {"endpoint_faithful": True})])
+def test_straight_through_reward_sees_the_true_sample(method_name, options):
+    adapter, params = f64_adapter("shapes")
+    method, batch = method_and_batch(make_cfg(method_name, options, steps=5), adapter)
+    seen = {}
+    orig = method.reward_fn.components["color_target"].score
+    method.reward_fn.components["color_target"].score = lambda imgs, *a: (seen.setdefault("x", imgs), orig(imgs, *a))[1]
+    loss, metrics = method.loss(batch)
+    torch.testing.assert_close(seen["x"], _plain_sample_images(method, batch), rtol=0, atol=1e-12)
+    assert seen["x"].requires_grad and loss.requires_grad
+    if method_name == "leapalign":  # consistency weights: 1 / (max(d_j, tau) + max(d_0, tau)) <= 1 / (2 tau)
+        assert float(metrics["leap_k"]) < float(metrics["leap_j"])
+        assert 0 < float(metrics["leap_weight"]) <= 1 / (2 * 0.1) + 1e-12
+
+
+def _shapes_trainer(tmp_path, method: str, options: dict, steps: int = 6, **over):
+    from flowalign.trainer import Trainer
+
+    pipe = build_pipeline(seed=0, num_layers=2, width=64, heads=2)
+    cfg = make_cfg(method, options, f"output_dir={tmp_path / method}", "max_iterations=1", "model.lora.rank=4",
+                   "sample.prompts_per_round=4", "sample.group_size=2", "train.updates_per_iteration=2",
+                   steps=steps, reward={"shapes_proxy": 1.0, "shapes_geneval": 0.0}, **over)
+    return Trainer(cfg, adapter=ShapesAdapter(pipe))
+
+
+def test_leapalign_reaches_the_first_third_alignprop_k1_does_not(tmp_path):
+    """Logged gradient norms per third of a 6-step trajectory: LeapAlign's updates reach steps 0-1, AlignProp with
+    truncation K=1 only ever touches the last step (exactly zero elsewhere)."""
+    logged = {}
+    for method, options in (("leapalign", {"draw": "sample"}), ("alignprop", {"truncation": "fixed", "k": 1})):
+        tr = _shapes_trainer(tmp_path, method, options)
+        rec = tr.step()
+        assert rec["num_updates"] == 2 and rec["grad_norm"] > 0
+        line = json.loads((tmp_path / method / "metrics.jsonl").read_text().splitlines()[-1])
+        logged[method] = {k: line[k] for k in line if k.startswith("grad/")}
+        print(method, logged[method])
+    la, ap = logged["leapalign"], logged["alignprop"]
+    assert la["grad/latent_first_third"] > 0 and la["grad/out_first_third"] > 0
+    assert ap["grad/latent_first_third"] == 0.0 and ap["grad/out_first_third"] == 0.0
+    assert ap["grad/latent_mid_third"] == 0.0 and ap["grad/out_mid_third"] == 0.0
+    assert ap["grad/latent_last_third"] > 0 and ap["grad/out_last_third"] > 0
+
+
+def test_peak_memory_counts_live_tensor_bytes():
+    def work():
+        a = torch.ones(1 << 18)  # 1 MiB of float32
+        b = a * 2  # +1 MiB
+        del a
+        c = b + 1  # +1 MiB while b lives: peak 2 MiB
+        return c.sum()
+
+    res = ds.measure(work)
+    assert res["peak_mb"] == pytest.approx(2.0, abs=0.01)
+    x = torch.ones(1 << 18)
+    assert ds.measure(lambda: x.t().mul_(2))["peak_mb"] < 0.01  # views and in-place ops allocate nothing
+
+
+def test_leapalign_memory_is_flat_in_steps_full_chain_is_not():
+    def peak(method: str, options: dict, steps: int) -> float:
+        adapter, _ = f64_adapter("shapes")
+        method_, batch = method_and_batch(make_cfg(method, options, steps=steps), adapter)
+        return ds.measure(lambda: method_.loss(batch)[0].backward())["peak_mb"]
+
+    full = [peak("alignprop", {"truncation": "none", "checkpoint": False}, n) for n in (4, 12)]
+    leap = [peak("leapalign", {}, n) for n in (4, 12)]
+    print("full chain", full, "leapalign", leap)
+    assert full[1] > 2 * full[0]
+    assert leap[1] <= 1.1 * leap[0] and leap[1] < 0.35 * full[1]
+
+
+@pytest.mark.parametrize("method,options,overrides,match", [
+    ("leapalign", {"nested_scal": 0.3}, [], "train.method_options.*nested_scale"),
+    ("leapalign", {}, ["sample.kernel=flow_sde", "sample.noise_level=0.7"], "deterministic sampler"),
+    ("leapalign", {"index_range": [3, 4]}, [], "index_range"),
+    ("alignprop", {"truncation": "fixed", "k": 9}, [], r"train.method_options.k"),
+    ("alignprop", {"truncation": "sometimes"}, [], "truncation"),
+    ("refl", {"step_range": [0.9, 0.5]}, [], "step_range"),
+    ("draft_lv", {"lv_samples": -1}, [], "lv_samples"),
+    ("draft", {}, ["reward.weights={shapes_geneval: 1.0}"], "not differentiable"),
+    ("alignprop", {}, ["train.num_inner_epochs=2"], "num_inner_epochs"),
+])
+def test_bad_options_fail_at_load_naming_the_key(method, options, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        make_cfg(method, options, *overrides, steps=4)
+
+
+def test_every_method_is_registered_and_documents_its_options():
+    from flowalign.methods.alignprop import RewardBackprop
+
+    for name in ("alignprop", "draft", "draft_lv", "refl", "leapalign"):
+        cls = METHODS.get(name)
+        assert issubclass(cls, RewardBackprop) and cls.name == name
+        text = cls.describe_options()
+        assert "train.method_options.objective" in text and "help" not in text.lower()[:0]
+    assert "nested_scale" in METHODS.get("leapalign").describe_options()

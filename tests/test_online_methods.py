@@ -252,3 +252,38 @@ def test_online_recipe_runs_one_step_on_tiny_pipeline(recipe, tmp_path):
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))
     assert rec["nfe_per_leaf"] > 0 and "train_nfe_per_leaf" in rec
     trainer.method.close()
+
+
+@pytest.mark.slow
+def test_branch_grpo_two_processes_match_one(sd3_path, tmp_path):
+    """4 trees in 2 chunks: each process samples one chunk; rewards and per-update edge counts are gathered and
+    units shuffled with a shared seed, so 2 iterations x 2 updates (KL, EMA, pruning) match one process.
+    (Chunks hold 2 trees: batch-1 forwards are not bitwise equal across process counts on this CPU backend.)"""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cfg = config(sd3_path, "branch_grpo",
+                 sample={**BRANCH, "num_steps": 5, "group_size": 4, "batch_size": 8, "prompts_per_round": 4,
+                         "schedule_options": {"branch_steps": [0, 2]}},
+                 train={"batch_size": 3, "beta": 0.01, "method_options": {
+                     "width_pruning": "best_worst", "depth_pruning": [5], "split_noise_scale": 2.0}},
+                 max_iterations=2, checkpoint={"save_final": True}, ema={"enabled": True, "interval": 1})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(cfg.to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    for cmd in ([sys.executable, "-m", "flowalign.cli", "train", str(recipe), f"output_dir={one}"],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "flowalign.cli", "train", str(recipe), f"output_dir={two}"]):
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-4000:]
+    c1, c2 = one / "checkpoints" / "checkpoint-00000002", two / "checkpoints" / "checkpoint-00000002"
+    assert (c2 / "rng_1.pt").is_file()  # really two ranks
+    for name in ("weights.safetensors", "ema.safetensors"):
+        w1, w2 = load_file(str(c1 / name)), load_file(str(c2 / name))
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5, name
+    moved = max(v.abs().max().item() for k, v in load_file(str(c1 / "weights.safetensors")).items() if "lora_B" in k)
+    assert moved > 1e-2

@@ -297,7 +297,7 @@ class LLMTrainer:
         self.step += 1
         metrics.update(stats)
         n_tok = int(ro.completion_mask.sum())
-        metrics.update({"adv_abs_mean": float(A.abs().mean()), "tokens": n_tok,
+        metrics.update({"adv_abs_mean": float(A.abs().mean()), "tokens": n_tok, "loss_tokens": int(loss_mask.sum()),
                         "time/generate": t_gen, "time/aux_logprobs": t_aux, "time/train": t_train,
                         "time/step": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0]})
         self._log(metrics)

@@ -20,7 +20,11 @@ One iteration (flow_grpo ``scripts/train_sd3.py``, reference survey §2):
 Recipes, not new methods: DanceGRPO = ``kernel: dance`` + ``same_noise`` + ``schedule: subsample`` (+
 ``method_options.best_worst_k``: train only the best and worst ``k`` of each group, DanceGRPO ``--bestofn``);
 MixGRPO = ``schedule: sliding`` (+ ``method_options.ode_solver: dpm2`` / ``post_compress``: MixGRPO-Flash,
-``flowalign.solvers``); Flow-GRPO-Fast = ``schedule: window``; CPS = ``kernel: cps``.
+``flowalign.solvers``); Flow-GRPO-Fast = ``schedule: window``; CPS = ``kernel: cps``; GRPO-Guard (arXiv 2510.22319)
+= ``method_options.ratio_norm`` (the rollout keeps each step's mean; ``flowalign.losses.ratio_norm``) +
+``method_options.step_reweight`` (policy loss / ``|dt|``, flow_grpo ``train_sd3_GRPO_Guard.py``); DDPO-IS (arXiv 2305.13301) =
+``kernel: ddim`` on an epsilon model + ``advantage.estimator: per_prompt`` (DDPO's per-prompt stat tracking; its
+history is checkpointed) + ``drop_zero_std: false`` (``recipes/sd15_ddpo_*.yaml``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch import Tensor
 from flowalign import sde
 from flowalign.advantages import ADVANTAGES, resolve_estimator, zero_std_groups
 from flowalign.config import ConfigError, load_prompts
-from flowalign.losses import POLICY_LOSSES, gaussian_kl
+from flowalign.losses import POLICY_LOSSES, gaussian_kl, ratio_norm
 from flowalign.methods.base import METHODS, Batch, Collected, Method, PromptSampler, Runtime, TrainState, generator
 from flowalign.rollout import sample
 from flowalign.schedules import StepPlan, make_plan
@@ -57,6 +61,7 @@ class _Store:
     adv: Tensor  # [n]
     sigmas: Tensor  # [N+1]
     plan: StepPlan
+    means: Tensor | None = None  # [n, N, ...] fp32 step means (GRPO-Guard ratio_norm)
 
 
 def reward_parts(reward_fn, images: Tensor, prompts: list[str], metadata: list[dict]) -> tuple[Tensor, dict]:
@@ -94,11 +99,15 @@ class FlowGRPO(Method):
         self.adv_name, self.adv_kwargs = resolve_estimator(a.estimator, a.std, a.baseline, a.per_reward, a.eps,
                                                            a.kwargs)
         self.adv_fn = ADVANTAGES.get(self.adv_name)
+        self.adv_history: dict[str, list[float]] = {}  # per_prompt (DDPO) reward history, checkpointed
         self.policy_loss = POLICY_LOSSES.get(t.method_options.get("policy_loss", "ppo_clip"))
         self.train_guidance = s.guidance if t.train_cfg else 1.0
         # MixGRPO-Flash: solver/compression of the ODE steps after the window (flowalign.solvers)
         self.sample_kw = {k: t.method_options[k] for k in ("ode_solver", "post_compress") if k in t.method_options}
         self.need_uncond = s.guidance != 1.0 or self.train_guidance != 1.0
+        # GRPO-Guard: re-centred/rescaled ratio (needs the rollout's step means) and 1/|dt| step weights
+        self.ratio_norm = bool(t.method_options.get("ratio_norm", False))
+        self.step_reweight = bool(t.method_options.get("step_reweight", False))
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="reward") if cfg.reward.background else None
         self._store: _Store | None = None
 
@@ -109,10 +118,18 @@ class FlowGRPO(Method):
         if not sde.is_stochastic(s.kernel, s.noise_level):
             raise ConfigError(f"flow_grpo needs a stochastic kernel: sample.kernel={s.kernel!r} with "
                               f"sample.noise_level={s.noise_level} draws no noise, so there is no policy ratio")
-        unknown = set(t.method_options) - {"policy_loss", "best_worst_k", "ode_solver", "post_compress"}
+        allowed = ("policy_loss", "best_worst_k", "ode_solver", "post_compress", "ratio_norm", "step_reweight")
+        unknown = set(t.method_options) - set(allowed)
         if unknown:
             raise ConfigError(f"train.method_options: unknown key(s) {sorted(unknown)} for flow_grpo; "
-                              "allowed: policy_loss, best_worst_k, ode_solver, post_compress")
+                              f"allowed: {', '.join(allowed)}")
+        for key in ("ratio_norm", "step_reweight"):
+            if not isinstance(t.method_options.get(key, False), bool):
+                raise ConfigError(f"train.method_options.{key} must be true or false (GRPO-Guard), "
+                                  f"got {t.method_options[key]!r}")
+        if t.method_options.get("ratio_norm") and s.density != "gaussian":
+            raise ConfigError("train.method_options.ratio_norm (GRPO-Guard) re-centres a Gaussian log-ratio: "
+                              f"it needs sample.density='gaussian', got {s.density!r}")
         k = t.method_options.get("best_worst_k")
         if k is not None and not (isinstance(k, int) and 2 <= k <= s.group_size):
             raise ConfigError(f"train.method_options.best_worst_k={k!r} must be an int in [2, sample.group_size="
@@ -127,6 +144,12 @@ class FlowGRPO(Method):
                 POLICY_LOSSES.get(t.method_options["policy_loss"])
             except ValueError as e:
                 raise ConfigError(f"train.method_options.policy_loss: {e}") from None
+
+    def rollout_plan(self, it: int) -> StepPlan:
+        """Which steps of iteration ``it``'s rollouts are SDE / trained (drawn from a shared seed)."""
+        s = self.cfg.sample
+        return make_plan(s.schedule, s.num_steps, generator=generator(self.cfg.seed, "plan", it), iteration=it,
+                         **s.schedule_options)
 
     def num_chunks(self) -> int:
         return self.cfg.global_batch // self.cfg.sample.batch_size
@@ -152,8 +175,7 @@ class FlowGRPO(Method):
         t_start = time.perf_counter()
         prompt_ids = self.sampler.next(s.prompts_per_round)
         row_pid = prompt_ids.repeat_interleave(G)  # [B] global rows, group-major
-        plan = make_plan(s.schedule, s.num_steps, generator=generator(cfg.seed, "plan", it), iteration=it,
-                         **s.schedule_options)
+        plan = self.rollout_plan(it)
         n_chunks = self.num_chunks()
         self.check_world(rt.world_size)
         per_rank = n_chunks // rt.world_size
@@ -184,14 +206,14 @@ class FlowGRPO(Method):
                                   num_steps=s.num_steps, kernel=s.kernel, noise_level=s.noise_level, plan=plan,
                                   guidance=s.guidance, generator=gen, same_noise=s.same_noise, batch_size=bs,
                                   negative_prompt=s.negative_prompt, reduction=s.reduction, density=s.density,
-                                  cond=cond, **self.sample_kw)
+                                  cond=cond, return_means=self.ratio_norm, **self.sample_kw)
                 else:  # the chunk cuts a group: one row per sample
                     cond = ucond.index(torch.tensor([pos_of[int(p)] for p in pids]))
                     traj = sample(self.adapter, [self.prompts[int(p)] for p in pids], group_size=1,
                                   num_steps=s.num_steps, kernel=s.kernel, noise_level=s.noise_level, plan=plan,
                                   guidance=s.guidance, generator=gen, batch_size=bs,
                                   negative_prompt=s.negative_prompt, reduction=s.reduction, density=s.density,
-                                  cond=cond, **self.sample_kw)
+                                  cond=cond, return_means=self.ratio_norm, **self.sample_kw)
             t_sample += time.perf_counter() - t0
             images = traj.images.float().clamp(0, 1)
             args = (images, [self.prompts[int(p)] for p in pids], [dict(self.metadata[int(p)]) for p in pids])
@@ -220,6 +242,10 @@ class FlowGRPO(Method):
             w = [self._weight(k) for k in names]
             adv = self.adv_fn(parts, G, weights=w, **self.adv_kwargs)
             zero = zero_std_groups(parts, G)
+        elif self.adv_name == "per_prompt":  # DDPO stat tracking: a per-prompt reward history across rounds
+            adv = self.adv_fn(total, G, keys=[self.prompts[int(p)] for p in row_pid], history=self.adv_history,
+                              **self.adv_kwargs)
+            zero = zero_std_groups(total, G)
         else:
             adv = self.adv_fn(total, G, **self.adv_kwargs)
             zero = zero_std_groups(total, G)
@@ -234,6 +260,7 @@ class FlowGRPO(Method):
             adv=adv[row0: row0 + per_rank * bs].to(dev),
             sigmas=trajs[0].sigmas,
             plan=plan,
+            means=torch.cat([tr.extras["means"] for tr in trajs]) if self.ratio_norm else None,
         )
         batches, num_updates = self._micro_batches(it, keep, row0, per_rank * bs)
 
@@ -293,9 +320,20 @@ class FlowGRPO(Method):
         new = sde.log_prob_of(s.kernel, x, x_next, out, sigma, sigma_next, s.noise_level,
                               reduction=s.reduction, density=s.density)
         adv = st.adv[rows].clamp(-t.adv_clip_max, t.adv_clip_max)
-        per_row, metrics = self.policy_loss(new.log_prob, st.log_probs[rows, j].to(new.log_prob.device), adv,
-                                            clip_range=t.clip_range, clip_range_lt=t.clip_range_lt,
-                                            clip_range_gt=t.clip_range_gt)
+        old = st.log_probs[rows, j].to(new.log_prob.device)
+        clip = {"clip_range": t.clip_range, "clip_range_lt": t.clip_range_lt, "clip_range_gt": t.clip_range_gt}
+        if self.ratio_norm:  # GRPO-Guard: the normalised log-ratio goes in as log_prob - old_log_prob
+            delta = ratio_norm(new.log_prob, old, new.mean, st.means[rows, j].to(new.mean.device), new.std,
+                               reduction=s.reduction)
+            per_row, metrics = self.policy_loss(delta, torch.zeros_like(delta), adv, **clip)
+        else:
+            per_row, metrics = self.policy_loss(new.log_prob, old, adv, **clip)
+        if self.step_reweight:  # GRPO-Guard: equalise the steps' gradient scale (flow_grpo: / sqrt_dt^2)
+            per_row = per_row / (sigma_next - sigma).abs().to(per_row.device)
+        if batch.update == 0:  # rollout-vs-train consistency: |log p_train - log p_rollout| before any update
+            gap = (new.log_prob.detach() - old).abs()
+            metrics.update({"logprob_gap_mean": gap.mean(), "logprob_gap_max": gap.max(),
+                            f"logprob_gap_max_step{j}": gap.max()})
         metrics["policy_loss"] = per_row.detach().mean()
         if t.beta > 0:
             with torch.no_grad(), rt.reference(), rt.autocast():
@@ -309,10 +347,11 @@ class FlowGRPO(Method):
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
+        return {"sampler": self.sampler.state_dict(), "adv_history": self.adv_history}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        self.adv_history = {k: list(v) for k, v in state.get("adv_history", {}).items()}
 
     def close(self) -> None:
         if self.executor is not None:
