@@ -1,13 +1,13 @@
 """The trainer's periodic eval through ``flowalign.eval`` (no second implementation).
 
-Set ``eval.fn: flowalign.eval:trainer_eval`` in a recipe. Every ``eval.every`` iterations the
+This is the default ``eval.fn``. Every ``eval.every`` iterations the
 trainer (with the EMA weights swapped in when ``eval.use_ema``) calls ``trainer_eval(trainer)``, which samples
 ``eval.prompts`` deterministically (``evaluate``: per-prompt noise from ``torch.Generator().manual_seed(eval.seed)``
 -- the same noise at every iteration, so curves compare like with like), scores them with each component of the
 run's reward, and writes images + tidy rows under ``<output_dir>/eval/iter-<N>/`` (open one with
 ``flowalign gallery``). Prompts are dealt round-robin to processes and the means all-reduced.
 
-Keys match the built-in ``ode_eval``: ``eval/reward`` (the weighted total) and ``eval/reward_<name>``.
+Keys: ``eval/reward`` (the weighted total) and ``eval/reward_<name>``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def trainer_eval(trainer: Any) -> dict[str, float]:
     prompts, meta = load_prompts(e.prompts, "eval.prompts")
     if e.kernel not in ("ode", "ddim") or e.noise_level != 0:
         raise ValueError(f"eval.kernel={e.kernel!r} with noise_level={e.noise_level}: flowalign.eval samples "
-                         "deterministically; set eval.kernel=ode and eval.noise_level=0 or use the built-in ode_eval")
+                         "deterministically; set eval.kernel=ode (ddim for epsilon models) and eval.noise_level=0")
     mine = list(range(rt.rank, len(prompts), rt.world_size))
     reward = trainer.reward_fn
     components = dict(getattr(reward, "components", None) or {"reward": reward})

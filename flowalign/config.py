@@ -152,7 +152,8 @@ class EvalSection:
     batch_size: int = _f(8, "Rows per eval chunk.")
     seed: int = _f(0, "Seed of the eval noise (fixed, so evals are comparable across iterations).")
     use_ema: bool = _f(True, "Evaluate the EMA weights when EMA is enabled.")
-    fn: str = _f("flowalign.trainer:ode_eval", "Eval function 'module:attr' (the seam for flowalign.eval).")
+    fn: str = _f("flowalign.eval:trainer_eval", "Eval function 'module:attr' taking the trainer, returning metrics "
+                 "(default: flowalign.eval, which also writes images + tidy rows under <output_dir>/eval/).")
 
 
 @dataclass

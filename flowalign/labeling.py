@@ -3,6 +3,7 @@
     flowalign label serve runs/d3po/labels             # http://127.0.0.1:8765, Ctrl-C to stop
     flowalign label status runs/d3po/labels            # progress
     flowalign label export runs/d3po/labels pairs.jsonl   # labelled pairs -> offline DPO dataset
+    flowalign label sample recipes/shapes_dpo.yaml --out pairs/ [--auto-label shapes_geneval]   # make a queue
 
 The folder holds ``pairs.jsonl`` (``{"id", "prompt", "a", "b"}``, media paths relative to the folder; D3PO's human
 mode appends a round at a time) and the label log ``labels.jsonl`` (formats: ``flowalign.pairs``). The page shows
@@ -219,6 +220,71 @@ class LabelServer:
         self.stop()
 
 
+# ----------------------------------------------------------------------------------------------- sampling
+def sample_queue(cfg, out: str | os.PathLike, per_prompt: int = 2, auto_label: str | None = None,
+                 adapter=None, progress: bool = True) -> int:
+    """Sample ``per_prompt`` images for every prompt of ``cfg.sample.prompts`` with the recipe's model and sampler
+    (``sample.kernel/noise_level/num_steps/guidance``, seed ``cfg.seed``) and append all C(per_prompt, 2) pairs of
+    each prompt to the labelling queue in ``out``. ``auto_label`` (a reward name, with ``cfg.reward.kwargs``) also
+    labels them: the higher score wins, equal scores are ties (AI feedback, as Diffusion-DPO's ``--choice_model``).
+    Returns the number of new pairs."""
+    import itertools
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from flowalign.config import load_prompts
+    from flowalign.eval.media import save_png, save_video
+    from flowalign.methods.base import generator
+    from flowalign.rollout import sample
+
+    if per_prompt < 2:
+        raise ValueError(f"per_prompt must be >= 2 (a pair needs two samples), got {per_prompt}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if adapter is None:
+        from flowalign.trainer import build_adapter
+
+        adapter = build_adapter(cfg)
+    judge = None
+    if auto_label:
+        from flowalign.rewards.base import get_reward
+
+        judge = get_reward(auto_label, **dict(cfg.reward.kwargs.get(auto_label, {})))
+    s = cfg.sample
+    prompts, meta = load_prompts(s.prompts)
+    rows, labels = [], []
+    for i, prompt in enumerate(tqdm(prompts, desc="sampling pairs", disable=not progress)):
+        with torch.no_grad():
+            traj = sample(adapter, [prompt], group_size=per_prompt, num_steps=s.num_steps, kernel=s.kernel,
+                          noise_level=s.noise_level, guidance=s.guidance, negative_prompt=s.negative_prompt,
+                          generator=generator(cfg.seed, "label_sample", i, device=adapter.device))
+        images = traj.images.float().clamp(0, 1)
+        u8 = (images * 255).round().to(torch.uint8).cpu()
+        video = images.ndim == 5
+        names = []
+        for k in range(per_prompt):
+            rel = f"samples/{i:06d}_{k}.{'mp4' if video else 'png'}"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (save_video if video else save_png)(out / rel, u8[k])
+            names.append(rel)
+        scores = judge(images, [prompt] * per_prompt, [dict(meta[i])] * per_prompt) if judge else None
+        for a, b in itertools.combinations(range(per_prompt), 2):
+            pid = f"s{cfg.seed}-{i:06d}-{a}-{b}"
+            rows.append({"id": pid, "prompt": prompt, "a": names[a], "b": names[b], **dict(meta[i])})
+            if scores is not None:
+                d = float(scores[a] - scores[b])
+                labels.append((pid, "a" if d > 0 else "b" if d < 0 else "tie"))
+    n = pf.append_queue(out, rows)
+    if labels:
+        log = pf.LabelLog(out / pf.LABELS_FILE)
+        have = log.labels()
+        for pid, choice in labels:
+            if pid not in have:
+                log.record(pid, choice, f"reward:{auto_label}")
+    return n
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def label_main(argv: Sequence[str] | None = None) -> int:
     """``flowalign label serve|status|export``."""
@@ -237,6 +303,13 @@ def label_main(argv: Sequence[str] | None = None) -> int:
     ex = sub.add_parser("export", help="write the labelled pairs as an offline DPO dataset (.jsonl)")
     ex.add_argument("folder")
     ex.add_argument("out")
+    sa = sub.add_parser("sample", help="sample pairs from a recipe's model into a labelling queue")
+    sa.add_argument("recipe", help="YAML recipe: model, sample.prompts and the sampler settings")
+    sa.add_argument("overrides", nargs="*", help="dotted overrides key=value")
+    sa.add_argument("--out", required=True, help="queue folder to create or extend")
+    sa.add_argument("--per-prompt", type=int, default=2, help="samples per prompt (all pairs of them are queued)")
+    sa.add_argument("--auto-label", default=None, metavar="REWARD",
+                    help="label the pairs with this reward (higher wins) instead of people")
     args = p.parse_args(argv)
     try:
         if args.cmd == "serve":
@@ -250,6 +323,14 @@ def label_main(argv: Sequence[str] | None = None) -> int:
             prog = Queue(args.folder).state()["progress"]
             print(f"{prog['done']} of {prog['total']} pairs labelled ({prog['skipped']} skipped), "
                   f"{prog['remaining']} to go")
+            return 0
+        if args.cmd == "sample":
+            from flowalign.config import load_config
+
+            n = sample_queue(load_config(args.recipe, args.overrides, validate=False), args.out, args.per_prompt,
+                             args.auto_label)
+            print(f"queued {n} new pairs in {args.out}" + ("" if args.auto_label else
+                                                           f"; label them: flowalign label serve {args.out}"))
             return 0
         n = pf.export_pairs(args.folder, args.out)
         print(f"wrote {n} labelled pairs to {args.out}")

@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 from flowalign import checkpoint as ckpt
-from flowalign.config import Config, load_prompts
+from flowalign.config import Config
 from flowalign.ema import EMA
 from flowalign.methods import METHODS, Collected, Method, Runtime, TrainState
-from flowalign.methods.base import generator
 from flowalign.registry import import_string
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -131,44 +130,6 @@ def weights_swapped(params: list[nn.Parameter], frozen: list[torch.Tensor]) -> I
     finally:
         for p, d in zip(params, live):
             p.data = d
-
-
-# ----------------------------------------------------------------------------------------------- eval seam
-@torch.no_grad()
-def ode_eval(trainer: "Trainer") -> dict[str, float]:
-    """Mean reward (and components) of deterministic samples on ``eval.prompts``, one sample per prompt.
-
-    The eval seam: ``eval.fn`` names any ``fn(trainer) -> dict`` (``flowalign.eval`` can replace this).
-    Prompts are cut into chunks of ``eval.batch_size``; chunk ``k`` draws its noise from ``(eval.seed, k)`` and the
-    chunks are dealt round-robin to processes, so numbers are comparable across iterations and process counts.
-    """
-    from flowalign.methods.flow_grpo import reward_parts
-    from flowalign.rollout import sample
-
-    cfg, e, rt = trainer.cfg, trainer.cfg.eval, trainer.runtime
-    prompts, meta = load_prompts(e.prompts, "eval.prompts")
-    guidance = cfg.sample.guidance if e.guidance is None else e.guidance
-    chunks = [list(range(i, min(i + e.batch_size, len(prompts)))) for i in range(0, len(prompts), e.batch_size)]
-    sums: dict[str, float] = {}
-    count = 0
-    for k in range(rt.rank, len(chunks), rt.world_size):
-        idx = chunks[k]
-        with rt.autocast():
-            traj = sample(trainer.adapter, [prompts[i] for i in idx], group_size=1, num_steps=e.num_steps,
-                          kernel=e.kernel, noise_level=e.noise_level, guidance=guidance,
-                          generator=generator(e.seed, "eval", k, device=rt.device),
-                          negative_prompt=cfg.sample.negative_prompt, batch_size=e.batch_size)
-        total, parts = reward_parts(trainer.reward_fn, traj.images.float().clamp(0, 1), [prompts[i] for i in idx],
-                                    [dict(meta[i]) for i in idx])
-        count += len(idx)
-        sums["reward"] = sums.get("reward", 0.0) + float(total.sum())
-        for name, v in parts.items():
-            sums[f"reward_{name}"] = sums.get(f"reward_{name}", 0.0) + float(v.sum())
-    keys = sorted(set(sums) | {"reward"})
-    vec = torch.tensor([sums.get(k, 0.0) for k in keys] + [float(count)], dtype=torch.float64)
-    vec = trainer.all_reduce_sum(vec)
-    n = max(vec[-1].item(), 1.0)
-    return {f"eval/{k}": vec[i].item() / n for i, k in enumerate(keys)}
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -476,7 +437,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         use_ema = self.cfg.eval.use_ema and self.ema is not None
         self.module.eval()
-        with self.ema.swapped_in() if use_ema else contextlib.nullcontext():
+        with torch.no_grad(), (self.ema.swapped_in() if use_ema else contextlib.nullcontext()):
             res = self.eval_fn(self)
         res = {"iteration": self.state.iteration, **res}
         if self.accelerator.is_main_process:

@@ -165,7 +165,7 @@ class ShapesPipeline(DiffusionPipeline):
 
 @ADAPTERS.register("shapes")
 class ShapesAdapter(Adapter):
-    """Adapter over :class:`ShapesPipeline` (the embedded default; weights in ``flowalign/pipelines/weights/shapes``)."""
+    """Adapter over :class:`ShapesPipeline` (the embedded default; weights in ``pipelines/weights/shapes``)."""
 
     prediction_type = "flow"
     default_kernel = "flow_sde"

@@ -6,8 +6,8 @@
    background and palette color ``c``: coverage ``alpha_c = <p - b, c - b> / |c - b|^2`` and residual
    ``r_c = |p - b - alpha_c (c - b)|`` (RGB in [0, 1]). It is labelled ``argmin_c r_c`` over colors with
    ``alpha_c >= 1/2`` (more than half covered: the right cut for anti-aliased edges), ``r_c <= color_threshold``
-   and a *core* pixel of that color (best explained by ``c`` with ``0.8 <= alpha_c <= 1.25``) among its 8 neighbours; otherwise background /
-   unlabelled (mud, or the rim of another color).
+   and a *core* pixel of that color (best explained by ``c`` with ``0.8 <= alpha_c <= 1.25``) among its 8
+   neighbours; otherwise background / unlabelled (mud, or the rim of another color).
 2. *Objects.* Connected components (4-connectivity, ``scipy.ndimage.label``) of each color mask with at least
    ``min_area`` pixels (default ``WorldConfig.min_area``, 30% of the smallest triangle).
 3. *Shape.* The component's soft coverage ``alpha_c`` is compared with each shape fitted by moments (same area
@@ -23,11 +23,12 @@ touch merge into one component (one object, misclassified shape); objects of dif
 separated by color. Colors within ``color_threshold`` of a palette entry are snapped to it, so a generated
 "reddish" blob counts as red; a color halfway between two palette entries is unlabelled.
 
-``shapes_proxy`` (differentiable, torch only): soft color masks ``m_c(p) = softmax_c(-||x(p) - rgb_c||^2 / tau)``
-over palette + background; for each term, coverage ``a_c = mean_p m_c(p)`` should match the expected area
-``count * E[area(shape)] / HW`` and for a relation the soft centre of mass of color ``c0`` should lie on the right
-side of that of ``c1``. Reward ``= -sum_terms |a_c - a*| / a* - relu(margin - sign (mu_1 - mu_0)) / W``
-(higher is better, 0 at best). It sees colors and positions only, not shapes: a proxy, as its name says.
+``shapes_proxy`` (differentiable, torch only): soft color masks ``m_k(p) = softmax_k(-||x(p) - rgb_k||^2 / tau)``
+over palette + backgrounds and coverages ``a_k = mean_p m_k(p)``. With ``a*_c = sum_terms count * E[area(shape)] /
+HW`` the expected coverage of each prompted color and ``mu_k`` the soft centre of mass of color ``k``,
+``R = - sum_{c in prompt} |a_c - a*_c| / a*_c - sum_{c not in prompt} a_c / a_min
+- relu(margin - sign (mu_1 - mu_0)[axis]) / W`` (the last term for relations between two different colors).
+Higher is better, 0 at best. It sees colors, amounts and positions only, not shapes: a proxy, as its name says.
 """
 
 from __future__ import annotations

@@ -187,23 +187,24 @@ def test_d3po_loss_equals_hand_computation_on_two_pairs():
     beta = 0.5
     want = (-math.log(_sigmoid(beta * (lr[0] - lr[1]))) - math.log(_sigmoid(beta * (lr[2] - lr[3])))) / 2
     loss, m = method.loss(Batch({"pairs": torch.tensor([0, 1]), "step": 0, "weight": 0.5}))
-    assert loss.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert loss.item() == pytest.approx(want, rel=1e-6)  # the kernel rounds x_next to fp32 ("fp32 inside")
     # the kernel code agrees with the written-out density
     new = sde.log_prob_of("flow_sde", method._store.latents[:, 0], method._store.latents[:, 1],
                           0.5 * method._store.latents[:, 0], 0.8, 0.6, 0.7)
-    np.testing.assert_allclose(new.log_prob.numpy(), lp, rtol=1e-9)
+    np.testing.assert_allclose(new.log_prob.numpy(), lp, rtol=1e-6)
 
 
-def test_d3po_gradient_raises_chosen_relative_to_rejected():
+@pytest.mark.parametrize("pair", [0, 1])
+def test_d3po_gradient_raises_chosen_relative_to_rejected(pair):
     method, adapter = _method("d3po", {"ratio_clip": None})
+    w, lo = method._store.pairs[pair].tolist()
     before = _toy_log_probs(method, adapter.net.theta.item())
-    loss, _ = method.loss(Batch({"pairs": torch.tensor([0, 1]), "step": 0, "weight": 0.5}))
+    loss, _ = method.loss(Batch({"pairs": torch.tensor([pair]), "step": 0, "weight": 1.0}))
     loss.backward()
     with torch.no_grad():
-        adapter.net.theta -= 1e-3 * adapter.net.theta.grad
+        adapter.net.theta -= 1e-2 * adapter.net.theta.grad
     after = _toy_log_probs(method, adapter.net.theta.item())
-    for w, lo in ((0, 1), (2, 3)):
-        assert (after[w] - after[lo]) - (before[w] - before[lo]) > 0
+    assert (after[w] - after[lo]) - (before[w] - before[lo]) > 1e-6
     # the gradient of a pair is -beta sigmoid(-z) (d lr_w - d lr_l): a clipped pair contributes nothing
     clipped, _ = _method("d3po", {"ratio_clip": 1e-6})
     loss, _ = clipped.loss(Batch({"pairs": torch.tensor([0, 1]), "step": 0, "weight": 0.5}))
@@ -219,7 +220,7 @@ def test_prdp_loss_equals_hand_computation():
     target = [0.8, -0.3]
     want = ((target[0] - 2.0 * (lr[0] - lr[1])) ** 2 + (target[1] - 2.0 * (lr[2] - lr[3])) ** 2) / 2
     loss, m = method.loss(Batch({"pairs": torch.tensor([0, 1]), "step": 0, "weight": 0.5}))
-    assert loss.item() == pytest.approx(want, rel=1e-9)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ DPO
@@ -375,7 +376,7 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="group_size=1"):
         load_config({**_raw("d3po"), "sample": {**_raw("d3po")["sample"], "group_size": 1}})
     with pytest.raises(ConfigError, match="multiple of sample.group_size"):
-        load_config({**_raw("d3po"), "sample": {**_raw("d3po")["sample"], "batch_size": 3}})
+        load_config({**_raw("d3po"), "sample": {**_raw("d3po")["sample"], "batch_size": 3, "prompts_per_round": 3}})
     with pytest.raises(ConfigError, match="labels_dir"):
         load_config(_raw("d3po", {"preference": "human"}))
     with pytest.raises(ConfigError, match="train.beta"):
@@ -388,7 +389,7 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(_raw("dpo"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(_raw("dpo", {"pairs": str(tmp_path / "nope.jsonl")}))
-    cfg = load_config({**_raw("dpo", {"pairs": str(toy_pairs(tmp_path / "p"))}), "sample": {}})
+    cfg = load_config({**_raw("dpo", {"pairs": str(toy_pairs(tmp_path / "p"))}), "sample": {"guidance": 1.0}})
     assert cfg.sample.prompts == []  # an offline method needs no prompts
 
 
