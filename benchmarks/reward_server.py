@@ -13,7 +13,9 @@ trainer; each client thread owns a ``RemoteReward`` and sends ``--requests`` req
 * ``remote_batching_on`` / ``remote_batching_off``: the server with ``max_batch=32, batch_window_ms=5`` / ``max_batch=0``.
 
 Each mode is timed ``--repeats`` times in interleaved (ABBA) order; the table shows median images/s and the
-ratio to ``local``. Results go to ``benchmarks/results/reward_server.json``.
+ratio to ``local``. Local reward and server use the same number of torch threads (``--threads``, default 1: on a
+shared 2-core machine two OpenMP threads per process oversubscribe the cores and slow everything several-fold).
+Results go to ``benchmarks/results/reward_server.json``.
 
     .venv/bin/python benchmarks/reward_server.py              # ViT-S-32, 8 clients x 2 requests x 4 images
     .venv/bin/python benchmarks/reward_server.py --model tiny  # seconds, for a smoke test
@@ -60,13 +62,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, max_batch: int, window_ms: float, lifetime: float) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, max_batch: int, window_ms: float, lifetime: float,
+                 threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "flowalign.rewards.server", "--reward", "clip_score",
            "--arg", f"model={json.dumps(str(model_dir))}", "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--token", TOKEN, "--max-batch", str(max_batch), "--batch-window-ms",
            str(window_ms), "--log-level", "warning", "--lifetime", str(lifetime), "--max-payload-mb", "256"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
     client = RemoteReward(url, token=TOKEN, retries=0)
     deadline = time.monotonic() + 120
@@ -97,8 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=4, help="images per request")
     p.add_argument("--size", type=int, default=224, help="image side in pixels (resized to the model's input)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the local reward and of the server (1 avoids OpenMP oversubscription "
+                        "on a shared 2-core machine; both sides get the same number)")
     p.add_argument("--out", default="reward_server")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="reward_bench_"))
     model_dir = save_model(args.model, tmp / "model")
@@ -123,9 +131,9 @@ def main(argv: list[str] | None = None) -> None:
             reward(images, prompts)
             reward.batch_size = 32
 
-    servers = {"remote_batching_on": start_server(model_dir, 32, 5.0, lifetime=3600)}
+    servers = {"remote_batching_on": start_server(model_dir, 32, 5.0, lifetime=3600, threads=args.threads)}
     try:
-        servers["remote_batching_off"] = start_server(model_dir, 0, 0.0, lifetime=3600)
+        servers["remote_batching_off"] = start_server(model_dir, 0, 0.0, lifetime=3600, threads=args.threads)
         clients = {mode: [RemoteReward(url, token=TOKEN) for _ in range(args.clients)]
                    for mode, (_, url) in servers.items()}
         outputs: dict[str, torch.Tensor] = {}
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                        "batching on/off; vs_local = median over rounds of local_time / mode_time (>1 is faster)",
         "config": {"model": args.model, "clients": args.clients, "requests_per_client": args.requests,
                    "images_per_request": args.images, "image_size": args.size, "repeats": args.repeats,
+                   "torch_threads_local_and_server": args.threads,
                    "encoding": "npy float32", "batching_on": {"max_batch": 32, "batch_window_ms": 5.0},
                    "load_average_1m": os.getloadavg()[0]},
         "results": rows,

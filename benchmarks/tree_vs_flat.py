@@ -2,7 +2,7 @@
 
 One *iteration* is one ``Trainer.step()``: sampling, rewards, advantages and every optimizer update of the round.
 All variants sample ``--prompts`` prompts x 16 leaves (samples) per prompt with 10 denoising steps and train with
-the same denoiser batch cap (16 rows), learning rate and clip range; they differ only in what the issue compares:
+the same denoiser batch cap, learning rate and clip range (no KL); they differ only in what the issue compares:
 
 =====================  ==========================================================================================
 flow_grpo              flat, flow_sde a=0.7, independent x_T, first 9 of 10 steps trained (flow_grpo default)
@@ -52,36 +52,41 @@ TREE = {"branch_grpo": {},
 VARIANTS = list(FLAT) + list(TREE)
 
 
-def model_section(model: str) -> tuple[dict, dict, list[str], list[str]]:
-    """(model, reward) config sections and train / eval prompts for ``flux`` (tiny FLUX + redness) or ``shapes``."""
+def model_section(model: str) -> tuple[dict, dict, list[str], list[str], dict]:
+    """(model, reward) config sections, train / eval prompts and train options for ``flux`` (tiny random FLUX +
+    redness; timing only) or ``shapes`` (the pretrained shapes model + its verifier, as recipes/shapes_*.yaml)."""
+    root = Path(__file__).resolve().parents[1]
     if model == "flux":
         from flowalign.pipelines import tiny
 
         prompts = ["a red apple", "a red car", "a red rose", "a red sky", "a red house", "a red bird"]
         return ({"adapter": "flux", "path": tiny.cached("flux"), "kwargs": dict(tiny.RESOLUTION["flux"]),
-                 "lora": {"rank": 8}}, {"weights": {"redness": 1.0}}, prompts, ["a red boat", "a red door"])
+                 "lora": {"rank": 8}}, {"weights": {"redness": 1.0}}, prompts, ["a red boat", "a red door"],
+                {"lr": 1e-2, "clip_range": 1e-2})
     if model == "shapes":
-        from flowalign import shapes  # the shapes world (flowalign/shapes.py, pipelines/shapes.py)
-
-        weights = Path(__file__).resolve().parents[1] / "pipelines" / "weights" / "shapes"
-        train, test = shapes.prompts("train"), shapes.prompts("test")
-        return ({"adapter": "shapes", "path": str(weights), "lora": {"rank": 8}},
-                {"weights": {"shapes": 1.0}}, list(train), list(test)[:16])
+        rl = (root / "recipes" / "prompts" / "shapes_rl.txt").read_text().split("\n")
+        rl = [p.strip() for p in rl if p.strip()]
+        # eval: the RL prompts x 4 (fixed noise), i.e. the reward being optimised, with a small standard error
+        return ({"adapter": "shapes", "path": str(root / "pipelines" / "weights" / "shapes"),
+                 "lora": {"rank": 16, "alpha": 32}},
+                {"weights": {"shapes_geneval": 1.0}, "kwargs": {"shapes_geneval": {"mode": "strict+partial"}}},
+                rl, rl * 4, {"lr": 3e-4, "clip_range": 1e-3})
     raise ValueError(f"model={model!r} is not allowed. Allowed: flux, shapes")
 
 
-def make_config(model: str, variant: str, prompts_per_round: int, seed: int = 0):
+def make_config(model: str, variant: str, prompts_per_round: int, batch_size: int = LEAVES, seed: int = 0):
     from flowalign.config import load_config
 
-    model_cfg, reward, prompts, eval_prompts = model_section(model)
+    model_cfg, reward, prompts, eval_prompts, train_opts = model_section(model)
     tree = variant in TREE
     sample = {"prompts": prompts, "prompts_per_round": prompts_per_round, "group_size": LEAVES, "num_steps": STEPS,
-              "guidance": 1.0, "batch_size": LEAVES, **(TREE_SAMPLE if tree else FLAT[variant])}
-    train = {"method": "branch_grpo" if tree else "flow_grpo", "lr": 1e-2, "clip_range": 1e-2, "train_cfg": False,
-             "updates_per_iteration": 2, "batch_size": LEAVES, "method_options": TREE.get(variant, {})}
+              "guidance": 1.0, "batch_size": batch_size, **(TREE_SAMPLE if tree else FLAT[variant])}
+    train = {"method": "branch_grpo" if tree else "flow_grpo", "train_cfg": False, "beta": 0.0,
+             "updates_per_iteration": 2, "batch_size": batch_size, "method_options": TREE.get(variant, {}),
+             **train_opts}
     return load_config({"model": model_cfg, "sample": sample, "reward": {**reward, "background": False},
                         "train": train, "ema": {"enabled": False}, "seed": seed,
-                        "eval": {"prompts": eval_prompts, "num_steps": STEPS, "batch_size": 16},
+                        "eval": {"prompts": eval_prompts, "num_steps": STEPS, "batch_size": 64},
                         "checkpoint": {"save_final": False}, "log": {"progress": False},
                         "output_dir": f"outputs/bench_tree_vs_flat/{model}/{variant}", "max_iterations": 10**6})
 
@@ -153,11 +158,11 @@ def per_iteration(model: str, prompts: int, repeats: int) -> tuple[list[dict], d
     return rows, {"repeats": repeats, "raw_wall": {v: times[v]["wall"] for v in VARIANTS}}
 
 
-def equal_time(model: str, prompts: int, seconds: float, variants: list[str]) -> list[dict]:
+def equal_time(model: str, prompts: int, seconds: float, variants: list[str], batch_size: int) -> list[dict]:
     """Train each variant for ``seconds`` of its own iteration time, round-robin; eval reward before and after."""
     from flowalign.trainer import Trainer
 
-    trainers = {v: Trainer(make_config(model, v, prompts)) for v in variants}
+    trainers = {v: Trainer(make_config(model, v, prompts, batch_size)) for v in variants}
     spent = {v: 0.0 for v in variants}
     start = {v: trainers[v].evaluate()["eval/reward"] for v in variants}
     while any(spent[v] < seconds for v in variants):
@@ -175,6 +180,11 @@ def equal_time(model: str, prompts: int, seconds: float, variants: list[str]) ->
     return rows
 
 
+def shapes_available() -> bool:
+    weights = Path(__file__).resolve().parents[1] / "pipelines" / "weights" / "shapes" / "model_index.json"
+    return importlib.util.find_spec("flowalign.pipelines.shapes") is not None and weights.is_file()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["flux", "shapes"])
@@ -182,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--equal-time", type=float, default=0.0, help="seconds of training per variant (0 = skip)")
     ap.add_argument("--equal-time-model", default="shapes")
+    ap.add_argument("--equal-time-prompts", type=int, default=8, help="prompts (trees) per iteration")
+    ap.add_argument("--equal-time-batch", type=int, default=64, help="rows per denoiser forward")
     ap.add_argument("--equal-time-variants", nargs="+",
                     default=["flow_grpo", "dance_grpo", "branch_grpo", "branch_grpo_deppru"])
     ap.add_argument("--out", default="tree_vs_flat")
@@ -194,8 +206,9 @@ def main(argv: list[str] | None = None) -> None:
                                                     "branchGRPO_mix_s": 148, "ratio_pruned": 314 / 698,
                                                     "ratio_mix": 148 / 698}}
     for model in args.models:
-        if model == "shapes" and importlib.util.find_spec("flowalign.pipelines.shapes") is None:
-            print("shapes model not available (pipelines/shapes.py); skipped", file=sys.stderr)
+        if model == "shapes" and not shapes_available():
+            print("shapes model not available (pipelines/shapes.py, pipelines/weights/shapes); skipped",
+                  file=sys.stderr)
             continue
         rows, raw = per_iteration(model, args.prompts, args.repeats)
         results["per_iteration"][model] = {"rows": rows, **raw}
@@ -205,10 +218,12 @@ def main(argv: list[str] | None = None) -> None:
                                   "wall_vs_dance_grpo"]))
     if args.equal_time > 0:
         model = args.equal_time_model
-        if model == "shapes" and importlib.util.find_spec("flowalign.pipelines.shapes") is None:
+        if model == "shapes" and not shapes_available():
             model = "flux"
-        rows = equal_time(model, args.prompts, args.equal_time, args.equal_time_variants)
-        results["equal_time"] = {"model": model, "seconds": args.equal_time, "rows": rows}
+        rows = equal_time(model, args.equal_time_prompts, args.equal_time, args.equal_time_variants,
+                          args.equal_time_batch)
+        results["equal_time"] = {"model": model, "seconds": args.equal_time, "prompts": args.equal_time_prompts,
+                                 "batch_size": args.equal_time_batch, "rows": rows}
         print(f"\n## {model}: held-out ODE reward after {args.equal_time:.0f} s of training each\n")
         print(format_table(rows))
     path = write_json(args.out, results)

@@ -79,7 +79,10 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     args = demo_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = list(args.overrides) + ([f"max_minutes={args.minutes}"] if args.minutes is not None else [])
+    # a fresh run directory per demo, so re-running never overwrites (or silently resumes) an earlier run
+    run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
+    overrides = [f"output_dir={run_dir}", *args.overrides]
+    overrides += [f"max_minutes={args.minutes}"] if args.minutes is not None else []
     cfg = load_config(args.recipe, overrides)
 
     t0 = time.time()

@@ -197,7 +197,8 @@ def sample_tree(adapter: Adapter, prompts: Sequence[str], num_steps: int = 10, k
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     if branch_steps is None:
         branch_steps = plan.branch_steps if plan is not None else []
-    splits = set(check_branching(num_steps, branch_steps, branching)) if branching > 1 else set()
+    steps = check_branching(num_steps, branch_steps, branching)
+    splits = set(steps) if branching > 1 else set()  # branching 1: a flat chain per prompt
     plan = plan or make_plan("branch", num_steps, branch_steps=sorted(splits))
     if plan.num_steps != num_steps:
         raise ValueError(f"plan has {plan.num_steps} steps but num_steps={num_steps}")

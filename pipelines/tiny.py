@@ -221,3 +221,125 @@ def cached(family: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+# -- more families (issue 11): SDXL, FLUX.2, Qwen-Image, Z-Image, HunyuanVideo ------------------------------------
+def _sdxl():
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    clip = clip_tokenizer()
+    # CLIP-L (16) + bigG (16) penultimate states concatenated: cross_attention_dim 32; the added "text_time"
+    # embedding takes 6 micro-conditioning ids x 8 + the bigG pooled projection (16)
+    return StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), norm_num_groups=8,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 16,
+            cross_attention_dim=32,
+        ),
+        # SDXL's beta schedule (its Euler scheduler's config), sampled with DDIM as DDPO does
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                timestep_spacing="leading"),
+        vae=_vae_kl(scaling_factor=0.13025, shift_factor=None),
+        text_encoder=CLIPTextModel(_clip_text_config(len(clip), 16)),
+        tokenizer=clip,
+        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(len(clip), 16)),
+        tokenizer_2=clip_tokenizer(),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+FAMILIES = FAMILIES + ("sdxl",)
+_BUILDERS.update({"sdxl": _sdxl})
+RESOLUTION.update({"sdxl": {"height": 32, "width": 32}})
+
+
+#: words every word-level test tokenizer knows besides its templates' (the tests' prompts and the shapes world)
+_WORDS = ("a an the of and in on to with left right above below red green blue yellow white black purple orange cat "
+          "dog tree house circle circles square squares triangle triangles star stars one two three four photo text "
+          "hi sign says hello world x").split()
+
+
+def word_tokenizer(texts=(), specials=("<unk>", "<s>", "</s>", "<pad>"), chat_template: str | None = None,
+                   **special_tokens):
+    """Word-level fast tokenizer built locally: lower-cased words, single punctuation marks and newlines are tokens
+    (spaces are dropped), so a pipeline's prompt *template* keeps a realistic token count (a template's fixed
+    prefix length, e.g. Qwen-Image's 34 dropped tokens, then matches). The vocabulary is ``specials``, ``"\\n"``,
+    letters, digits, punctuation, ``_WORDS`` and every word of ``texts``; anything else is ``specials[0]``."""
+    import re
+
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = set(_WORDS) | set(string.ascii_lowercase) | set(string.digits) | set(string.punctuation)
+    for t in texts:
+        words |= set(re.findall(r"\w+|[^\w\s]", t.lower()))
+    vocab = {s: i for i, s in enumerate(specials)}
+    vocab["\n"] = len(vocab)
+    for w in sorted(words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token=specials[0]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[ \t\r]+"), behavior="removed"),
+        pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="isolated"),
+    ])
+    tok.add_special_tokens(list(specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template, model_max_length=4096,
+                                   **special_tokens)
+
+
+# Mistral-Small-3.x chat layout (system + user turns), enough for Flux2Pipeline's text-only prompts
+_MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}[/INST]"
+    "{% endif %}{% endfor %}"
+)
+
+
+def _flux2():
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, PixtralProcessor
+
+    specials = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                "[IMG_BREAK]", "[IMG_END]")
+    tok = word_tokenizer([SYSTEM_MESSAGE], specials, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                         pad_token="<pad>")
+    processor = PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tok, patch_size=6,
+                                 chat_template=_MISTRAL_TEMPLATE)
+    # 3 text layers: the pipeline stacks the hidden states of text_encoder_out_layers (real model: 10, 20, 30)
+    text = {"model_type": "mistral", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32,
+            "max_position_embeddings": 512, "num_attention_heads": 4, "num_hidden_layers": 3, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 1e9, "sliding_window": None, "bos_token_id": 1, "eos_token_id": 2,
+            "pad_token_id": 3, "head_dim": 4}
+    vision = {"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "intermediate_size": 32, "image_size": 30, "patch_size": 6, "num_channels": 3, "head_dim": 4}
+    te = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=specials.index("[IMG]"), image_seq_length=4,
+        vision_feature_layer=-1, bos_token_id=1, eos_token_id=2, pad_token_id=3))
+    return Flux2Pipeline(
+        transformer=Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=256,
+            axes_dims_rope=(4, 4, 4, 4),
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),  # FLUX.2-dev: mu per size
+        vae=AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                               up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                               layers_per_block=1, sample_size=32, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=te,
+        tokenizer=processor,
+    )
+
+
+FAMILIES = FAMILIES + ("flux2",)
+_BUILDERS.update({"flux2": _flux2})
+RESOLUTION.update({"flux2": {"height": 32, "width": 32, "max_sequence_length": 64,
+                             "text_encoder_out_layers": [1, 2, 3]}})

@@ -151,16 +151,20 @@ class GaussianMixtureAdapter(Adapter):
 
     def posterior(self, x: Tensor, sigma) -> tuple[Tensor, Tensor]:
         """``(E[x_0 | x_t], E[eps | x_t])`` for the offset-free mixture, float64 ``[B, D]`` each."""
-        x = x.double()
-        s = Adapter.expand_sigma(sigma, x.shape[0], x.device).double()[:, None, None]  # [B, 1, 1]
+        x0, eps = self._posterior_t(x.double().T.contiguous(), sigma)
+        return x0.T, eps.T
+
+    def _posterior_t(self, xt: Tensor, sigma) -> tuple[Tensor, Tensor]:
+        # layout [K, D, B]: every op runs over contiguous batch vectors (ops over a tiny last dim are slow on CPU)
+        s = Adapter.expand_sigma(sigma, xt.shape[1], xt.device).double()  # [B]
         a = _alpha(s, self.prediction_type)
-        mu, sd = self.holder.means[None], self.holder.stds[None]  # [1, K, D]
-        var = a**2 * sd**2 + s**2
-        r = x[:, None, :] - a * mu  # [B, K, D]
-        log_n = -0.5 * (r**2 / var + torch.log(2 * math.pi * var)).sum(-1)
-        w = torch.softmax(self.holder.log_weights + log_n, dim=1)[..., None]  # [B, K, 1]
-        x0 = (w * (mu + a * sd**2 / var * r)).sum(1)
-        eps = (w * (s / var * r)).sum(1)
+        mu, sd = self.holder.means[..., None], self.holder.stds[..., None]  # [K, D, 1]
+        var = a**2 * sd**2 + s**2  # [K, D, B]
+        r = xt - a * mu
+        log_n = -0.5 * (r**2 / var + torch.log(2 * math.pi * var)).sum(1)  # [K, B]
+        w = torch.softmax(self.holder.log_weights[:, None] + log_n, dim=0)[:, None]  # [K, 1, B]
+        x0 = (w * (mu + a * sd**2 / var * r)).sum(0)  # [D, B]
+        eps = (w * (s / var * r)).sum(0)
         return x0, eps
 
     # -- the adapter contract ------------------------------------------------------------------------
@@ -180,10 +184,11 @@ class GaussianMixtureAdapter(Adapter):
         return flow_sigmas(num_steps, self.shift) if self.prediction_type == "flow" else ddim_sigmas(num_steps)
 
     def _predict_one(self, x: Tensor, sigma, offset: Tensor) -> Tensor:
-        s = Adapter.expand_sigma(sigma, x.shape[0], x.device).double()[:, None]
-        a = _alpha(s, self.prediction_type)
-        x0, eps = self.posterior(x.double() - a * offset.double(), sigma)  # x_t - alpha c is offset-free
-        return eps - (x0 + offset.double()) if self.prediction_type == "flow" else eps
+        s = Adapter.expand_sigma(sigma, x.shape[0], x.device).double()
+        c = offset.double().T  # [D, B]
+        x0, eps = self._posterior_t(x.double().T - _alpha(s, self.prediction_type) * c, sigma)  # x_t - alpha c
+        out = eps - (x0 + c) if self.prediction_type == "flow" else eps
+        return out.T.contiguous()
 
     def predict(self, x: Tensor, sigma, cond: Cond, guidance: float = 1.0) -> Tensor:
         self.calls += 1

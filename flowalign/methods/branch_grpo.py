@@ -106,6 +106,11 @@ class BranchGRPO(FlowGRPO):
                               f"allowed: {', '.join(sorted(DEFAULTS))}")
         o = options(cfg)
         p = "train.method_options"
+        a = t.advantage
+        if a.estimator or a.per_reward or (a.std, a.baseline) != ("group", "mean"):
+            raise ConfigError("branch_grpo computes depth-wise tree advantages (flowalign.tree); leave "
+                              "train.advantage.estimator/std/baseline/per_reward at their defaults "
+                              "(only train.advantage.drop_zero_std applies)")
         if not sde.is_stochastic(s.kernel, s.noise_level):
             raise ConfigError(f"branch_grpo needs a stochastic kernel: sample.kernel={s.kernel!r} with "
                               f"sample.noise_level={s.noise_level} cannot split")
