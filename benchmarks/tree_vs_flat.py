@@ -16,9 +16,10 @@ branch_grpo_mix        + Mix: SDE on steps 0-3 and the split steps, ODE elsewher
 
 Reported per variant (medians over interleaved repeats, ``benchmarks/common.py``): denoiser NFE per leaf while
 sampling and while training (rows through the transformer; a split evaluates its parent once, siblings share the
-parent's forward in training), wall and CPU seconds per iteration, and the ratios to flat Flow-GRPO and DanceGRPO.
-``--equal-time S`` then trains every variant for ``S`` seconds of its own iteration time (round-robin, so drifts of
-the shared machine hit all alike) and reports the held-out ODE reward reached.
+parent's forward in training), wall and CPU seconds per iteration, and the ratios to flat Flow-GRPO and DanceGRPO
+(single-threaded runs: on a shared machine the CPU-time ratio is the steadier measure of the same work).
+``--equal-time S`` then trains every variant for ``S`` seconds of its own compute (CPU time of its iterations,
+round-robin) and reports the ODE reward reached on fixed noise (shapes: the 32 RL prompts x 4).
 
     python benchmarks/tree_vs_flat.py --models flux shapes --repeats 3 --equal-time 240
 """
@@ -153,28 +154,36 @@ def per_iteration(model: str, prompts: int, repeats: int) -> tuple[list[dict], d
         for base in ("flow_grpo", "dance_grpo"):
             r[f"nfe_vs_{base}"] = r["nfe_per_leaf"] / by[base]["nfe_per_leaf"]
             r[f"wall_vs_{base}"] = r["wall_s"] / by[base]["wall_s"]
+            r[f"cpu_vs_{base}"] = r["cpu_s"] / by[base]["cpu_s"]
     for t in trainers.values():
         t.method.close()
     return rows, {"repeats": repeats, "raw_wall": {v: times[v]["wall"] for v in VARIANTS}}
 
 
 def equal_time(model: str, prompts: int, seconds: float, variants: list[str], batch_size: int) -> list[dict]:
-    """Train each variant for ``seconds`` of its own iteration time, round-robin; eval reward before and after."""
+    """Train each variant for ``seconds`` of its own compute, round-robin; ODE reward (fixed noise) before and after.
+
+    The budget is this process's CPU time per iteration (single-threaded: the wall time of a dedicated core), so
+    other jobs on a shared machine do not decide the race; wall seconds are recorded too.
+    """
     from flowalign.trainer import Trainer
 
     trainers = {v: Trainer(make_config(model, v, prompts, batch_size)) for v in variants}
     spent = {v: 0.0 for v in variants}
+    wall = {v: 0.0 for v in variants}
     start = {v: trainers[v].evaluate()["eval/reward"] for v in variants}
     while any(spent[v] < seconds for v in variants):
         for v in variants:
             if spent[v] < seconds:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 trainers[v].step()
-                spent[v] += time.perf_counter() - t0
+                spent[v] += time.process_time() - c0
+                wall[v] += time.perf_counter() - t0
     rows = []
     for v in variants:
         end = trainers[v].evaluate()["eval/reward"]
-        rows.append({"variant": v, "seconds": spent[v], "iterations": trainers[v].state.iteration,
+        rows.append({"variant": v, "cpu_seconds": spent[v], "wall_seconds": wall[v],
+                     "iterations": trainers[v].state.iteration, "samples": trainers[v].state.samples,
                      "eval_reward_start": start[v], "eval_reward_end": end, "gain": end - start[v]})
         trainers[v].method.close()
     return rows
@@ -214,8 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         results["per_iteration"][model] = {"rows": rows, **raw}
         print(f"\n## {model}: per iteration ({args.prompts} prompts x {LEAVES} leaves, {STEPS} steps)\n")
         print(format_table(rows, ["variant", "sample_nfe_per_leaf", "train_nfe_per_leaf", "nfe_per_leaf", "wall_s",
-                                  "cpu_s", "nfe_vs_flow_grpo", "wall_vs_flow_grpo", "nfe_vs_dance_grpo",
-                                  "wall_vs_dance_grpo"]))
+                                  "cpu_s", "nfe_vs_flow_grpo", "wall_vs_flow_grpo", "cpu_vs_flow_grpo",
+                                  "nfe_vs_dance_grpo", "wall_vs_dance_grpo", "cpu_vs_dance_grpo"]))
     if args.equal_time > 0:
         model = args.equal_time_model
         if model == "shapes" and not shapes_available():
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                           args.equal_time_batch)
         results["equal_time"] = {"model": model, "seconds": args.equal_time, "prompts": args.equal_time_prompts,
                                  "batch_size": args.equal_time_batch, "rows": rows}
-        print(f"\n## {model}: held-out ODE reward after {args.equal_time:.0f} s of training each\n")
+        print(f"\n## {model}: ODE reward after {args.equal_time:.0f} CPU seconds of training each\n")
         print(format_table(rows))
     path = write_json(args.out, results)
     print(f"\nwrote {path}")

@@ -31,8 +31,9 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -221,7 +222,7 @@ def integrate(adapter: Adapter, x: Tensor, cond: Cond, sigmas: Tensor, guidance:
         raise ValueError(f"capture indices {bad} must lie in [start={start}, stop={stop}]")
     kernel = kernel or deterministic_kernel(adapter)
     stochastic = sde.is_stochastic(kernel, noise_level)
-    want = set(int(i) for i in capture)
+    want = {int(i) for i in capture}
     states: dict[int, Tensor] = {}
     nfe = 0
     for i in range(start, stop):
@@ -317,7 +318,7 @@ class PeakMemory:
         self.rss_peak_bytes: int | None = None
         self._mode: _LiveTensorBytes | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -140,7 +140,7 @@ def check_ode_parity(adapter, prompts: Sequence[str], num_steps: int, guidance: 
                   plan=make_plan("all", num_steps, fraction=1.0), guidance=guidance, generator=_gen(seed),
                   decode=False)
     adapter.pipe.set_progress_bar_config(disable=True)
-    ref = adapter.pipe(list(prompts), num_inference_steps=num_steps, generator=_gen(seed), output_type="latent",
+    ref = adapter.pipe(prompt=list(prompts), num_inference_steps=num_steps, generator=_gen(seed), output_type="latent",
                        return_dict=False, **pipeline_call_kwargs(adapter, guidance))[0]
     ours = traj.latents[:, -1]
     if tuple(ref.shape) != tuple(ours.shape):

@@ -32,6 +32,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
+from starlette.requests import Request  # module level: FastAPI resolves the string annotations from here
+
 from flowalign import pairs as pf
 
 TOKEN_ENV = "FLOWALIGN_LABEL_TOKEN"
@@ -44,6 +46,8 @@ class Queue:
     def __init__(self, folder: str | os.PathLike, labels: str | os.PathLike | None = None, annotator: str = "",
                  shuffle: bool = True) -> None:
         self.folder = Path(folder).resolve()
+        if not self.folder.is_dir():
+            raise ValueError(f"labelling folder {str(folder)!r} does not exist")
         self.log = pf.LabelLog(Path(labels) if labels else self.folder / pf.LABELS_FILE)
         self.annotator, self.shuffle = annotator, shuffle
         self._rows: list[dict] = []
@@ -98,7 +102,7 @@ def create_app(folder: str | os.PathLike, labels: str | os.PathLike | None = Non
                shuffle: bool = True, token: str | None = None):
     """The FastAPI app: ``GET /`` page, ``GET /api/state``, ``POST /api/label {id, choice}``, ``POST /api/undo``,
     ``GET /media/<path>`` (files of the folder)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 

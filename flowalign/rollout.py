@@ -128,6 +128,9 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
         raise ValueError(f"cond has batch {prompt_cond.batch_size} but there are {P} prompts")
     cond_b = prompt_cond.repeat_interleave(G)
     sigmas = adapter.sigmas(num_steps).float().cpu()
+    if sigmas.shape != (num_steps + 1,):
+        raise ValueError(f"{type(adapter).__name__}.sigmas({num_steps}) must return num_steps + 1 = {num_steps + 1} "
+                         f"levels, got shape {tuple(sigmas.shape)}")
     sde_mask, train_mask = plan.sde.clone(), plan.train & plan.sde
     check_choice("ode_solver", ode_solver, solvers.SOLVERS)
     last_sde = int(plan.sde.nonzero().max()) if plan.sde.any() else -1

@@ -60,7 +60,7 @@ class StepOut:
 
 def _per_sample(value, x: Tensor) -> Tensor:
     """Scalar / [B] sigma -> tensor of x's dtype shaped [B, 1, ..., 1] broadcastable to x."""
-    t = torch.as_tensor(value, device=x.device).to(x.dtype)
+    t = torch.as_tensor(value, dtype=x.dtype, device=x.device)  # a Python float must not pass through fp32
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
@@ -123,7 +123,7 @@ def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduction: str 
     """log N(x_next; mean, std^2) reduced over non-batch dims; 0 where std == 0 (deterministic steps)."""
     std = std.expand_as(mean) if std.ndim else std.expand(mean.shape)
     safe = torch.where(std > 0, std, torch.ones_like(std))
-    diff2 = (x_next.float() - mean) ** 2
+    diff2 = (x_next.to(mean.dtype) - mean) ** 2  # fp32 (fp64 for fp64 inputs: .float() would round x_next)
     if density == "gaussian":
         lp = -diff2 / (2 * safe**2) - torch.log(safe) - _LOG_SQRT_2PI
     else:
@@ -136,6 +136,8 @@ def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduction: str 
 def mean_std(kind: str, x: Tensor, model_out: Tensor, sigma, sigma_next, noise_level: float) -> tuple[Tensor, Tensor]:
     """The Gaussian ``(mean, std)`` in fp32 (fp64 inputs stay fp64, for gradient checks); ``std`` is ``[B, 1, ...]``."""
     fn = KERNELS.get(kind)
+    if model_out.shape != x.shape:  # a broadcast here would silently give every row the same prediction
+        raise ValueError(f"model_out must have x's shape {tuple(x.shape)}, got {tuple(model_out.shape)}")
     dt = torch.promote_types(torch.promote_types(x.dtype, model_out.dtype), torch.float32)
     xf, mf = x.to(dt), model_out.to(dt)
     s, s_next = _per_sample(sigma, xf), _per_sample(sigma_next, xf)
@@ -153,6 +155,8 @@ def step(kind: str, x: Tensor, model_out: Tensor, sigma, sigma_next, noise_level
     mean, std = mean_std(kind, x, model_out, sigma, sigma_next, noise_level)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
     x_next = (mean + std * noise.float()).to(x.dtype)
     return StepOut(x_next, mean, std, gaussian_log_prob(x_next, mean, std, reduction, density))
 

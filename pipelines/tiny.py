@@ -343,3 +343,92 @@ FAMILIES = FAMILIES + ("flux2",)
 _BUILDERS.update({"flux2": _flux2})
 RESOLUTION.update({"flux2": {"height": 32, "width": 32, "max_sequence_length": 64,
                              "text_encoder_out_layers": [1, 2, 3]}})
+
+
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+
+
+def _qwenimage():
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    template = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n")
+    tok = word_tokenizer([template], _QWEN_SPECIALS, unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    sp = {s: tok.convert_tokens_to_ids(s) for s in _QWEN_SPECIALS}
+    te = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(tok), "rope_theta": 1e6,
+                     "bos_token_id": sp["<|endoftext|>"], "eos_token_id": sp["<|im_end|>"],
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tok), bos_token_id=sp["<|endoftext|>"], eos_token_id=sp["<|im_end|>"],
+        vision_start_token_id=sp["<|vision_start|>"],
+        vision_end_token_id=sp["<|vision_end|>"], vision_token_id=sp["<|image_pad|>"],
+        image_token_id=sp["<|image_pad|>"], video_token_id=sp["<|video_pad|>"])).eval()
+    return QwenImagePipeline(
+        transformer=QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+        ),
+        vae=AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                   temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4),
+        # Qwen-Image's scheduler: resolution-dependent exponential shift, terminal sigma stretched to 0.02
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                  max_image_seq_len=8192, shift_terminal=0.02,
+                                                  time_shift_type="exponential"),
+        text_encoder=te,
+        tokenizer=tok,
+    )
+
+
+FAMILIES = FAMILIES + ("qwenimage",)
+_BUILDERS.update({"qwenimage": _qwenimage})
+RESOLUTION.update({"qwenimage": {"height": 32, "width": 32, "max_sequence_length": 32}})
+
+
+# Qwen3's chat layout (user turn + generation prompt; enable_thinking=False adds the empty think block)
+_QWEN3_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def _zimage():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tok = word_tokenizer(["user assistant system"], _QWEN_SPECIALS + ("<think>", "</think>"),
+                         chat_template=_QWEN3_TEMPLATE, unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # the pad tokens are torch.empty in the model: fix them (diffusers' tests do the same)
+        transformer.x_pad_token.normal_(0, 0.02)
+        transformer.cap_pad_token.normal_(0, 0.02)
+    return ZImagePipeline(
+        transformer=transformer,
+        # FLUX.1's VAE layout (16 channels, scaling/shift factors) as Z-Image
+        vae=AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=4,
+                          layers_per_block=1, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # Z-Image-Turbo's static shift
+        text_encoder=Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                            vocab_size=len(tok), max_position_embeddings=512,
+                                            bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                                            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))),
+        tokenizer=tok,
+    )
+
+
+FAMILIES = FAMILIES + ("zimage",)
+_BUILDERS.update({"zimage": _zimage})
+RESOLUTION.update({"zimage": {"height": 32, "width": 32, "max_sequence_length": 32}})

@@ -238,6 +238,8 @@ def test_browser_keyboard_buttons_and_undo(tmp_path):
         shot = tmp_path / "label.png"
         page.screenshot(path=str(shot))
         assert shot.stat().st_size > 5_000
+        if os.environ.get("LABEL_SCREENSHOT"):
+            shutil.copy(shot, os.environ["LABEL_SCREENSHOT"])
         ctx.close()
         assert not errors, errors
     labels = pf.read_labels(tmp_path / "q" / "labels.jsonl")
@@ -265,6 +267,7 @@ def _tiny_cfg(tmp_path, method="d3po", options=None, **train):
         "output_dir": str(tmp_path / "run")})
 
 
+@pytest.mark.slow
 def test_d3po_waits_for_human_labels_from_the_web_app(tmp_path):
     """D3PO writes the round's pairs, a 'person' labels them through the HTTP server while training waits; the
     pairs it trains on are exactly those labels (skips dropped), and a timeout names the folder."""
@@ -274,7 +277,7 @@ def test_d3po_waits_for_human_labels_from_the_web_app(tmp_path):
 
     folder = tmp_path / "labels"
     cfg = _tiny_cfg(tmp_path, options={"preference": "human", "labels_dir": str(folder), "poll_s": 0.05,
-                                       "serve": True, "serve_port": 0})
+                                       "serve": True, "serve_port": 0, "label_timeout_s": 120})
     trainer = Trainer(cfg)
     url = trainer.method.server.url
     decided = {}

@@ -22,6 +22,16 @@ from flowalign.rewards import get_reward, tiny
 from flowalign.rewards.remote import RemoteRewardError, encode_images
 from flowalign.rewards.server import RewardServer, is_loopback, main, start_server
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP threads per
+    process oversubscribe the cores and make these tests many times slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TOKEN = "test-token-123"
 MAX_PAYLOAD = 256 * 1024
 

@@ -17,6 +17,16 @@ import flowalign.rewards as R
 from flowalign.rewards import REWARDS, Compose, get_reward, tiny
 from flowalign.rewards.base import Reward
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP threads per
+    process oversubscribe the cores and make these tests many times slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 PROMPTS7 = ["a red circle", "two blue squares", "a cat", "a red circle", "a dog on the left", "", "a photo"]
 
 

@@ -65,6 +65,16 @@ def ddim_sigmas(num_steps: int, num_train_timesteps: int = 1000, beta_start: flo
     return torch.sqrt(1.0 - ab).float()
 
 
+def _sigma64(sigma, batch: int, device=None) -> Tensor:
+    """A scalar or ``[batch]`` sigma as float64 ``[batch]`` (``Adapter.expand_sigma`` would round it to fp32)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=device)
+    if s.ndim == 0:
+        return s.expand(batch)
+    if s.shape != (batch,):
+        raise ValueError(f"sigma must be a scalar or have shape [batch]=[{batch}], got {tuple(s.shape)}")
+    return s
+
+
 def _alpha(sigma: Tensor, prediction_type: str) -> Tensor:
     return 1.0 - sigma if prediction_type == "flow" else torch.sqrt((1.0 - sigma**2).clamp_min(0.0))
 
@@ -156,7 +166,7 @@ class GaussianMixtureAdapter(Adapter):
 
     def _posterior_t(self, xt: Tensor, sigma) -> tuple[Tensor, Tensor]:
         # layout [K, D, B]: every op runs over contiguous batch vectors (ops over a tiny last dim are slow on CPU)
-        s = Adapter.expand_sigma(sigma, xt.shape[1], xt.device).double()  # [B]
+        s = _sigma64(sigma, xt.shape[1], xt.device)  # [B]
         a = _alpha(s, self.prediction_type)
         mu, sd = self.holder.means[..., None], self.holder.stds[..., None]  # [K, D, 1]
         var = a**2 * sd**2 + s**2  # [K, D, B]
@@ -184,7 +194,7 @@ class GaussianMixtureAdapter(Adapter):
         return flow_sigmas(num_steps, self.shift) if self.prediction_type == "flow" else ddim_sigmas(num_steps)
 
     def _predict_one(self, x: Tensor, sigma, offset: Tensor) -> Tensor:
-        s = Adapter.expand_sigma(sigma, x.shape[0], x.device).double()
+        s = _sigma64(sigma, x.shape[0], x.device)
         c = offset.double().T  # [D, B]
         x0, eps = self._posterior_t(x.double().T - _alpha(s, self.prediction_type) * c, sigma)  # x_t - alpha c
         out = eps - (x0 + c) if self.prediction_type == "flow" else eps

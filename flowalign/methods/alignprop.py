@@ -51,7 +51,16 @@ from torch import Tensor
 from flowalign import diff_sampling as ds
 from flowalign import sde
 from flowalign.config import ConfigError, _f, _from_dict, load_prompts
-from flowalign.methods.base import METHODS, Batch, Collected, Method, PromptSampler, Runtime, TrainState, generator
+from flowalign.methods.base import (
+    METHODS,
+    Batch,
+    Collected,
+    Method,
+    PromptSampler,
+    Runtime,
+    TrainState,
+    generator,
+)
 
 try:
     from flowalign.pipelines.base import Cond

@@ -20,7 +20,14 @@ import torch
 
 from flowalign import diff_sampling as ds
 from flowalign.config import ConfigError, _f
-from flowalign.methods.alignprop import OPTIONS_KEY, AlignProp, AlignPropOptions, BackpropOptions, RewardBackprop, Tail
+from flowalign.methods.alignprop import (
+    OPTIONS_KEY,
+    AlignProp,
+    AlignPropOptions,
+    BackpropOptions,
+    RewardBackprop,
+    Tail,
+)
 from flowalign.methods.base import METHODS
 
 try:

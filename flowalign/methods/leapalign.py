@@ -45,7 +45,12 @@ from torch import Tensor
 
 from flowalign import diff_sampling as ds
 from flowalign.config import ConfigError, _f
-from flowalign.methods.alignprop import OPTIONS_KEY, BackpropOptions, RewardBackprop, Tail
+from flowalign.methods.alignprop import (
+    OPTIONS_KEY,
+    BackpropOptions,
+    RewardBackprop,
+    Tail,
+)
 from flowalign.methods.base import METHODS
 
 INDEX_SAMPLERS = ("uniform", "midpoint", "midpoint_j", "dirichlet")

@@ -22,7 +22,12 @@ import torch
 from flowalign import diff_sampling as ds
 from flowalign import sde
 from flowalign.config import ConfigError, _f
-from flowalign.methods.alignprop import OPTIONS_KEY, BackpropOptions, RewardBackprop, Tail
+from flowalign.methods.alignprop import (
+    OPTIONS_KEY,
+    BackpropOptions,
+    RewardBackprop,
+    Tail,
+)
 from flowalign.methods.base import METHODS
 
 
@@ -42,8 +47,8 @@ class ReFLOptions(BackpropOptions):
 
     def bounds(self, num_steps: int) -> tuple[int, int]:
         """Inclusive index range of the grad step."""
-        lo = min(int(math.floor(self.step_range[0] * num_steps)), num_steps - 1)
-        hi = max(min(int(math.ceil(self.step_range[1] * num_steps)) - 1, num_steps - 1), lo)
+        lo = min(math.floor(self.step_range[0] * num_steps), num_steps - 1)
+        hi = max(min(math.ceil(self.step_range[1] * num_steps) - 1, num_steps - 1), lo)
         return lo, hi
 
 
