@@ -432,3 +432,44 @@ def _zimage():
 FAMILIES = FAMILIES + ("zimage",)
 _BUILDERS.update({"zimage": _zimage})
 RESOLUTION.update({"zimage": {"height": 32, "width": 32, "max_sequence_length": 32}})
+
+
+def _hunyuan_video():
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from diffusers import HunyuanVideoTransformer3DModel
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextModel, LlamaConfig, LlamaModel
+
+    specials = ("<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<pad>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>")
+    tok = word_tokenizer([DEFAULT_PROMPT_TEMPLATE["template"]], specials, unk_token="<unk>",
+                         bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<pad>")
+    clip = clip_tokenizer()
+    return HunyuanVideoPipeline(
+        transformer=HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+            num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+            text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+        ),
+        vae=AutoencoderKLHunyuanVideo(
+            latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),  # HunyuanVideo's flow shift
+        # 3 Llama layers: the pipeline takes the hidden states 2 layers below the top
+        text_encoder=LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4,
+                                            num_key_value_heads=2, num_hidden_layers=3, vocab_size=len(tok),
+                                            bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                                            max_position_embeddings=512)),
+        tokenizer=tok,
+        text_encoder_2=CLIPTextModel(_clip_text_config(len(clip), 8)),
+        tokenizer_2=clip,
+    )
+
+
+FAMILIES = FAMILIES + ("hunyuan_video",)
+_BUILDERS.update({"hunyuan_video": _hunyuan_video})
+# crop_start None: the adapter counts the template's prefix tokens with this (word-level) tokenizer
+RESOLUTION.update({"hunyuan_video": {"height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 16,
+                                     "prompt_template": {"crop_start": None}}})

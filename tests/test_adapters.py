@@ -230,7 +230,7 @@ def test_registry_and_loading_errors(adapters, tmp_path):
     with pytest.raises(ValueError, match="unknown adapter"):
         get_adapter("sdxl-turbo")
     with pytest.raises(ValueError, match="family"):
-        tiny.build("sdxl", tmp_path)
+        tiny.build("no-such-family", tmp_path)
     with pytest.raises(ValueError, match="multiples"):
         load_adapter("flux", tiny.cached("flux"), height=30, width=32)
     for adapter in adapters.values():

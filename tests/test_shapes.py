@@ -342,7 +342,7 @@ def test_pretrain_script_deterministic_and_resumes_exactly(tmp_path):
 
     def run(name: str, *extra: str) -> Path:
         d = tmp_path / name
-        cmd = [sys.executable, str(script), "--final-per-prompt", "1", "--eval-steps", "2", "--batch-size", "8",
+        cmd = [sys.executable, str(script), "--final-per-prompt", "1", "--eval-steps", "2", "--batch-size", "8", "--threads", "1", "--eval-minutes", "1000",
                "--out", str(d / "shapes"), "--log", str(d / "log.jsonl"), "--state", str(d / "state.pt"), *extra]
         subprocess.run(cmd, check=True, env=env, capture_output=True)
         return d / "shapes"
