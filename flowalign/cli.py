@@ -25,8 +25,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gallery": ("flowalign.eval.cli:gallery_main", "static HTML gallery of an eval folder"),
     "demo": ("flowalign.demo:demo_main", "align the embedded shapes model with Flow-GRPO on CPU; before/after + gallery"),
     "doctor": ("flowalign.doctor:doctor_main", "port-a-model checklist: flowalign doctor RECIPE.yaml [key=value ...]"),
+    "rewards": ("flowalign.cli:rewards_main", "reward server: flowalign rewards serve --reward NAME --host 127.0.0.1 --port 8000"),
     "label": ("flowalign.labeling:label_main", "label preference pairs in a browser: flowalign label serve DIR"),
 }
+
+
+def rewards_main(argv: Sequence[str] | None = None) -> int:
+    """``flowalign rewards serve ...`` (the only ``rewards`` subcommand so far)."""
+    argv = list(sys.argv[2:] if argv is None else argv)
+    if not argv or argv[0] != "serve":
+        print("usage: flowalign rewards serve --reward NAME [--host 127.0.0.1 --port 8000 ...]", file=sys.stderr)
+        return 2
+    from flowalign.rewards.server import main as serve_main
+
+    return serve_main(argv[1:])
 
 
 def register_command(name: str, target: str, help: str = "") -> None:  # noqa: A002

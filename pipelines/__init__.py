@@ -1,7 +1,8 @@
 """Adapters over diffusers pipelines (see ``flowalign.pipelines.base`` for the contract).
 
-Importing this package registers every built-in adapter in ``ADAPTERS``: ``sd3``, ``flux``, ``wan``, ``sd15``
-(and ``shapes``, the embedded tiny world, when present). ``tiny`` builds offline test instances of each family.
+Importing this package registers every built-in adapter in ``ADAPTERS``: ``sd3``, ``flux``, ``wan``, ``sd15``,
+``sdxl``, ``flux2``, ``qwenimage``, ``zimage``, ``hunyuan_video`` (and ``shapes``, the embedded tiny world, when
+present). ``tiny`` builds offline test instances of each family.
 
 >>> from flowalign.pipelines import load_adapter
 >>> adapter = load_adapter("sd3", "stabilityai/stable-diffusion-3.5-medium", torch_dtype=torch.bfloat16, device="cuda")
@@ -10,6 +11,7 @@ Importing this package registers every built-in adapter in ``ADAPTERS``: ``sd3``
 from __future__ import annotations
 
 from flowalign.pipelines import flux, sd3, sd15, wan  # noqa: F401  (registers the adapters)
+from flowalign.pipelines import flux2, hunyuan_video, qwenimage, sdxl, zimage  # noqa: F401
 from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
 
 try:  # the shapes world is optional (written separately)
