@@ -10,8 +10,9 @@ random weights -- memory and time do not depend on the values), LoRA (adapter de
 * ``draft_k1``: DRaFT-K with K=1, ``refl``: ReFL (one grad step in the last quarter), ``leapalign``: LeapAlign.
 
 Memory: on CPU the peak of live tensor bytes allocated during the step (``flowalign.diff_sampling.PeakMemory``: a
-dispatch-mode tracker; exact, allocator-independent) and, as a cross-check, the RSS high-water-mark delta (the
-script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the OS); on CUDA
+dispatch-mode tracker; exact, allocator-independent) and, as a coarse cross-check, the RSS high-water-mark delta
+(the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the OS; it only sees
+fresh pages, so steps whose allocations fit in pages the process already holds read ~0 there); on CUDA
 ``max_memory_allocated`` above the allocation at the start. Each configuration runs once as warm-up, once under the
 memory tracker, then ``--repeats`` interleaved timed rounds (ABBA order over contenders, median; ``benchmarks.common``).
 
@@ -96,8 +97,9 @@ def plot(results: dict, steps: list[int], path: Path, device: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in CONTENDERS:
-        ax.plot(steps, [results[name][str(n)]["peak_mb"] for n in steps], marker="o", label=name)
+    styles = zip("os^vD", ["-", "-", "--", ":", "-"])  # draft_k1 and refl coincide: dashed / dotted
+    for name, (marker, line) in zip(CONTENDERS, styles):
+        ax.plot(steps, [results[name][str(n)]["peak_mb"] for n in steps], marker=marker, linestyle=line, label=name)
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("peak memory of one step (MiB)")
     ax.set_yscale("log")
@@ -152,7 +154,10 @@ def main() -> None:
                                                                       for k, (m, o) in CONTENDERS.items()},
         "memory_measure": ("cuda max_memory_allocated" if device.type == "cuda" else
                            "peak live tensor bytes (dispatch-mode tracker); rss_peak_mb = VmHWM delta with "
-                           "MALLOC_MMAP_THRESHOLD_=65536"),
+                           "MALLOC_MMAP_THRESHOLD_=65536 (coarse: reads ~0 when a step fits in pages already "
+                           "resident)"),
+        "time_measure": "median over interleaved rounds; cpu_s = process CPU time (robust on a shared machine), "
+                        "wall_s = wall clock",
         "goals": {"leapalign_over_full_chain_at_20": f"<= {GOAL_RATIO}", "leapalign_flat_10_to_40": f"within "
                   f"{GOAL_FLAT:.0%}"},
         "summary": summary, "results": results,

@@ -193,11 +193,14 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
 
 def step_log_prob(adapter: Adapter, traj: Trajectory, i: int, rows=None, guidance: float | None = None) -> sde.StepOut:
     """Log-prob of stored transition ``i`` for ``rows`` under the adapter's current weights (with grad)."""
-    rows = slice(None) if rows is None else rows
-    sub = traj if rows == slice(None) else traj.index(rows)
+    if rows is None or (isinstance(rows, slice) and rows == slice(None)):
+        rows, cond = slice(None), traj.cond
+    else:  # index only the two latents this step needs (Trajectory.index would copy every step's latents)
+        rows = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
+        cond = traj.cond.index(rows) if traj.cond is not None else None
     k, a = traj.kernel_at(i, adapter.prediction_type)
-    x, x_next = sub.latents[:, i], sub.latents[:, i + 1]
-    out = adapter.predict(x, traj.sigmas[i], sub.cond, traj.guidance if guidance is None else guidance)
+    x, x_next = traj.latents[rows, i], traj.latents[rows, i + 1]
+    out = adapter.predict(x, traj.sigmas[i], cond, traj.guidance if guidance is None else guidance)
     return sde.log_prob_of(k, x, x_next, out, traj.sigmas[i], traj.sigmas[i + 1], a,
                            reduction=traj.reduction, density=traj.density)
 

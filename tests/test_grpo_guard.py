@@ -162,9 +162,22 @@ def test_ratio_norm_needs_a_gaussian_density(tmp_path):
         guard_cfg(tmp_path, "sample.kernel=cps", "sample.noise_level=0.8", "sample.density=unnormalized")
 
 
-def test_recipe_loads():
+def test_shapes_recipe_runs_one_step(tmp_path):
+    """recipes/shapes_grpo_guard.yaml on the shipped shapes model with a small round; everything else as shipped."""
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / "shapes_grpo_guard.yaml")
+    from flowalign.trainer import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "recipes" / "shapes_grpo_guard.yaml", [
+        "sample.prompts_per_round=2", "sample.group_size=4", "sample.batch_size=8", "checkpoint.save_final=false",
+        "max_iterations=1", "log.progress=false", f"output_dir={tmp_path}"])
+    base = load_config(root / "recipes" / "shapes_flow_grpo.yaml")
     assert cfg.train.method == "flow_grpo" and cfg.train.method_options == GUARD
-    assert cfg.train.clip_range == pytest.approx(2e-6)
+    assert cfg.train.clip_range < base.train.clip_range  # the normalised log-ratio is ~std times smaller
+    tr = Trainer(cfg)
+    before = [p.detach().clone() for p in tr.params]
+    rec = tr.step()
+    assert rec["samples"] == 8 and rec["logprob_gap_max"] <= 1e-6 and rec["ratio_min"] <= 1 <= rec["ratio_max"]
+    assert rec["num_updates"] == 0 or any(not torch.equal(a, p) for a, p in zip(before, tr.params))
+    tr.method.close()

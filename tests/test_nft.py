@@ -214,25 +214,27 @@ def test_nft_needs_a_flow_model(tmp_path):
         nft_cfg(tmp_path, family="sd15")
 
 
-@pytest.mark.parametrize("recipe", ["shapes_nft.yaml", "sd35_nft.yaml"])
-def test_nft_recipe_runs_one_step_on_tiny_pipeline(recipe, tmp_path):
-    """The shipped recipe with its model swapped for the tiny SD3 and a small round; the method options as shipped."""
-    import json
+def test_sd35_recipe_carries_nft_defaults():
+    cfg = load_config(ROOT / "recipes" / "sd35_nft.yaml", ["sample.prompts=[a]", "eval.prompts=[a]"])
+    assert (cfg.train.method, cfg.sample.guidance, cfg.sample.kernel) == ("nft", 1.0, "ode")
+    assert cfg.train.method_options == {"nft_beta": 1.0, "decay_type": 1, "timestep_fraction": 0.99,
+                                        "ode_solver": "dpm2", "adv_mode": "all"}
+    assert (cfg.train.beta, cfg.train.lr, cfg.train.updates_per_iteration) == (1e-4, 3e-4, 1)
+    assert (cfg.global_batch, cfg.train.advantage.std, cfg.train.advantage.drop_zero_std) == (48 * 24, "global", False)
+    # its one-step run on the tiny SD3 is tests/test_trainer.py::test_recipe_runs_one_step_on_tiny_pipeline
 
+
+def test_shapes_recipe_runs_one_step(tmp_path):
+    """recipes/shapes_nft.yaml on the shipped shapes model with a small round; everything else as shipped."""
     from flowalign.trainer import Trainer
 
-    raw = load_config(ROOT / "recipes" / recipe, ["sample.prompts=[a, b]", "eval.prompts=[a]"], validate=False)
-    assert raw.train.method == "nft" and raw.sample.guidance == 1.0
-    res = json.dumps(tiny.RESOLUTION["sd3"]).replace('"', "")
-    cfg = load_config(ROOT / "recipes" / recipe, [
-        "model.adapter=sd3", f"model.path={tiny.cached('sd3')}", f"model.kwargs={res}", "model.dtype=float32",
-        "mixed_precision=no", "model.lora.rank=2", "model.lora.alpha=4", "sample.prompts=[a red cat, a dog]",
-        "sample.prompts_per_round=2", "sample.group_size=2", "sample.batch_size=2", "sample.num_steps=3",
-        "reward.weights={redness: 1.0}", "reward.kwargs={}", "eval.every=0", "checkpoint.save_final=false",
-        "max_iterations=1", f"output_dir={tmp_path}", "log.progress=false", "train.updates_per_iteration=1"])
+    cfg = load_config(ROOT / "recipes" / "shapes_nft.yaml", [
+        "sample.prompts_per_round=2", "sample.group_size=4", "sample.batch_size=8", "checkpoint.save_final=false",
+        "max_iterations=1", "log.progress=false", f"output_dir={tmp_path}"])
     tr = Trainer(cfg)
     before = [p.detach().clone() for p in tr.params]
     rec = tr.step()
-    assert rec["samples"] == 4 and rec["num_updates"] == 1 and torch.isfinite(torch.tensor(rec["loss"]))
+    assert rec["samples"] == 8 and rec["num_updates"] == 1 and torch.isfinite(torch.tensor(rec["loss"]))
+    assert rec["trained_steps"] == 4 and rec["old_decay"] == 0.0
     assert any(not torch.equal(a, p) for a, p in zip(before, tr.params))
-    assert cfg.train.method_options == raw.train.method_options
+    tr.method.close()

@@ -221,3 +221,33 @@ def test_bad_rollout_input_raises_value_errors_naming_the_argument(kwargs, match
 def test_adapter_with_a_schedule_of_the_wrong_length_is_refused():
     with pytest.raises(ValueError, match=r"WrongSigmas.sigmas\(4\) must return num_steps \+ 1 = 5 levels, got shape"):
         sample(WrongSigmas.default(), ["a"], num_steps=4, decode=False)
+
+
+# ---------------------------------------------------------------------------------------- the learnable toy
+def test_tiny_adapter_round_trips_takes_lora_and_trains_through_the_log_prob(tmp_path):
+    """What trainer tests need from ``tests.toy.TinyFlowAdapter``: ``from_pretrained`` (also by registry name),
+    peft LoRA on ``lora_target_modules``, and a gradient from a stored transition's log-prob into the LoRA weights."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from flowalign.pipelines.base import ADAPTERS
+
+    adapter = mlp()
+    path = adapter.save_pretrained(tmp_path / "toy")
+    loaded = ADAPTERS.get("toy_mlp").from_pretrained(str(path), torch_dtype=torch.float32)
+    x, cond = adapter.init_noise(2, gen(12)), adapter.encode(PROMPTS[:2], negative="")
+    assert torch.equal(loaded.predict(x, 0.4, cond, 2.0), adapter.predict(x, 0.4, cond, 2.0))
+    assert loaded.device == torch.device("cpu") and loaded.dtype == torch.float32
+    traj = sample(loaded, PROMPTS[:2], group_size=2, num_steps=3, generator=gen(13))
+    module = loaded.trainable_module()
+    module.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=loaded.lora_rank, lora_alpha=loaded.lora_alpha,
+                                       target_modules=loaded.lora_target_modules), module)
+    lora = [p for n, p in module.named_parameters() if "lora_" in n]
+    assert len(lora) == 2 * len(loaded.lora_target_modules)
+    for p in lora:
+        p.requires_grad_(True)
+    ratio = torch.exp(recompute_log_probs(loaded, traj) - traj.log_probs)  # LoRA B = 0: still the same policy
+    assert (ratio - 1).abs().max() <= 1e-6
+    with torch.enable_grad():
+        step_log_prob(loaded, traj, 0).log_prob.sum().backward()
+    assert all(p.grad is not None for p in lora) and any(p.grad.abs().sum() > 0 for p in lora)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +38,9 @@ def _check_prediction_type(prediction_type: str) -> None:
         raise ValueError(f"prediction_type={prediction_type!r} is not allowed. Allowed: {', '.join(PREDICTION_TYPES)}")
 
 
-def _prompt_generator(prompt: str, salt: int = 0) -> torch.Generator:
+def _prompt_generator(prompt: str) -> torch.Generator:
     """A generator seeded from the prompt text (crc32; stable across processes, unlike ``hash``)."""
-    return torch.Generator().manual_seed(zlib.crc32(prompt.encode()) + salt)
+    return torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
 
 
 def flow_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
@@ -125,7 +125,7 @@ class GaussianMixtureAdapter(Adapter):
         self.calls = self.rows = 0
 
     @classmethod
-    def default(cls, **kwargs) -> "GaussianMixtureAdapter":
+    def default(cls, **kwargs) -> GaussianMixtureAdapter:
         """A fixed, well-separated, anisotropic 3-component mixture in 2-D."""
         return cls(means=[[-2.0, 0.5], [1.5, 1.5], [1.0, -2.0]], stds=[[0.5, 0.3], [0.3, 0.6], [0.4, 0.4]],
                    weights=[0.5, 0.3, 0.2], **kwargs)
@@ -284,7 +284,7 @@ class TinyFlowAdapter(Adapter):
     @classmethod
     def build(cls, seed: int = 0, latent_shape: Sequence[int] = (3, 4, 4), hidden: int = 64, emb_dim: int = 16,
               prediction_type: str = "flow", shift: float = 1.0, dtype: torch.dtype = torch.float32
-              ) -> "TinyFlowAdapter":
+              ) -> TinyFlowAdapter:
         """Random weights from ``seed`` (the global RNG is left untouched)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -311,7 +311,7 @@ class TinyFlowAdapter(Adapter):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, torch_dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", **kwargs) -> "TinyFlowAdapter":
+                        device: str | torch.device = "cpu", **kwargs) -> TinyFlowAdapter:
         from safetensors.torch import load_file
 
         path = Path(path_or_repo_id)

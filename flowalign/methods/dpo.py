@@ -62,12 +62,8 @@ class DPOOptions:
     label_smoothing: float = _f(0.0, "cDPO label smoothing (0 = Diffusion-DPO).")
 
     def check(self, cfg) -> None:
-        if not self.pairs:
+        if not self.pairs:  # its rows are read and validated when the method is built (they need the model size)
             raise ConfigError(f"{OPTIONS_KEY}.pairs is required: a pairs .jsonl or a labelled queue folder")
-        from pathlib import Path
-
-        if not Path(self.pairs).exists():
-            raise ConfigError(f"{OPTIONS_KEY}.pairs={self.pairs!r} does not exist")
         if self.pairs_per_update < 1 or self.timesteps_per_pair < 1:
             raise ConfigError(f"{OPTIONS_KEY}.pairs_per_update and timesteps_per_pair must be >= 1")
         if self.logit_std <= 0 or (self.shift is not None and self.shift <= 0):
