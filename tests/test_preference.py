@@ -528,7 +528,8 @@ LEARNERS = {
     # offline DPO needs a model whose samples mean something: the pretrained shapes model (pixel space, no VAE to
     # invert); Diffusion-DPO runs on its exact epsilon reparameterisation (ShapesEps)
     "flow_dpo": dict(method="dpo", family="shapes", iterations=10, prompts=SHAPES_PROMPTS,
-                     sample={"kernel": "ode", "noise_level": 0.0, "num_steps": 6}, train={"beta": 100.0, "lr": 1e-3}),
+                     sample={"kernel": "ode", "noise_level": 0.0, "num_steps": 6}, train={"beta": 100.0, "lr": 1e-3},
+                     pairs_sample={"kernel": "flow_sde", "noise_level": 0.7, "num_steps": 6}),  # as flow_grpo's DPO
     "diffusion_dpo": dict(method="dpo", family="shapes_eps", iterations=10, prompts=SHAPES_PROMPTS,
                           sample={"kernel": "ddim", "noise_level": 0.0, "num_steps": 10},
                           train={"beta": 2000.0, "lr": 3e-3}),
@@ -548,8 +549,9 @@ def test_method_raises_its_reward(name, tmp_path):
         ShapesEps.register()
     train, iterations = dict(spec.pop("train", {})), spec.pop("iterations")
     prompts = spec.get("prompts", PROMPTS)
+    pairs_sample = spec.pop("pairs_sample", spec.get("sample"))
     if spec["method"] == "dpo":
-        judge = _tiny_cfg("dpo", spec["family"], tmp_path, sample=spec.get("sample"), prompts=prompts,
+        judge = _tiny_cfg("dpo", spec["family"], tmp_path, sample=pairs_sample, prompts=prompts,
                           train={"beta": 1.0, "method_options": {"pairs": "(written next)"}})
         assert sample_queue(judge, tmp_path / "pairs", per_prompt=4, auto_label="redness", progress=False) == 24
         train["method_options"] = {"pairs": str(tmp_path / "pairs"), "pairs_per_update": 8, "timesteps_per_pair": 2}
