@@ -4,8 +4,8 @@ The DiffusionNFT paper (arXiv 2509.16117) reports "up to 25x" the efficiency of 
 1k steps vs 0.95 in 5k+ steps with CFG). Here each method trains the shipped shapes model with its own recipe
 (``recipes/shapes_flow_grpo.yaml``, ``recipes/shapes_nft.yaml``, ``recipes/shapes_grpo_guard.yaml``; the same
 prompts, round size, LoRA and evaluation) for ``--seconds`` of its own compute, round-robin, and is evaluated every
-``--eval-every`` seconds on fixed noise: deterministic Euler samples (10 steps, CFG-free) of the 32 RL prompts and
-the 44 held-out prompts x ``--seeds``, scored by the verifier (strict accuracy, partial clause accuracy).
+``--eval-every`` seconds on fixed noise: deterministic Euler samples (10 steps, CFG-free, live weights) of the 32 RL
+prompts and the 44 held-out prompts x ``--seeds``, scored by the verifier (strict accuracy, partial clause accuracy).
 
 Compute is this process's CPU time per iteration (single-threaded: the wall time of a dedicated core), so other
 jobs on a shared machine do not decide the race; wall seconds are recorded too. Evaluation time is not counted.
@@ -47,24 +47,21 @@ def make_trainer(variant: str, out: Path, overrides: list[str]):
 
 @torch.no_grad()
 def evaluate(trainer, prompts: dict[str, list[str]], seeds: int) -> dict[str, float]:
-    """Strict / partial verifier accuracy of deterministic samples on fixed noise (EMA weights when enabled)."""
-    import contextlib
-
+    """Strict / partial verifier accuracy of deterministic samples on fixed noise, with the live weights (an EMA
+    that steps every k optimizer steps would lag differently for methods with different updates per iteration)."""
     from flowalign.methods.base import generator
     from flowalign.rewards.shapes import ShapesGenEval
     from flowalign.rollout import sample
 
     out = {}
     strict, partial = ShapesGenEval(mode="strict"), ShapesGenEval(mode="partial")
-    use_ema = trainer.ema is not None
     trainer.module.eval()
-    with trainer.ema.swapped_in() if use_ema else contextlib.nullcontext():
-        for split, ps in prompts.items():
-            traj = sample(trainer.adapter, ps, group_size=seeds, num_steps=10, kernel="ode", noise_level=0.0,
-                          guidance=1.0, generator=generator(1234, "bench", split), batch_size=128)
-            images, names = traj.images.clamp(0, 1), traj.sample_prompts
-            out[f"{split}_strict"] = float(strict(images, names).mean())
-            out[f"{split}_partial"] = float(partial(images, names).mean())
+    for split, ps in prompts.items():
+        traj = sample(trainer.adapter, ps, group_size=seeds, num_steps=10, kernel="ode", noise_level=0.0,
+                      guidance=1.0, generator=generator(1234, "bench", split), batch_size=128)
+        images, names = traj.images.clamp(0, 1), traj.sample_prompts
+        out[f"{split}_strict"] = float(strict(images, names).mean())
+        out[f"{split}_partial"] = float(partial(images, names).mean())
     return out
 
 

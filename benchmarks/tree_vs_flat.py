@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,7 @@ def model_section(model: str) -> tuple[dict, dict, list[str], list[str], dict]:
         rl = [p.strip() for p in rl if p.strip()]
         # eval: the RL prompts x 4 (fixed noise), i.e. the reward being optimised, with a small standard error
         return ({"adapter": "shapes", "path": str(root / "pipelines" / "weights" / "shapes"),
-                 "lora": {"rank": 16, "alpha": 32}},
+                 "lora": {"enabled": False}},  # full fine-tuning, as recipes/shapes_flow_grpo.yaml
                 {"weights": {"shapes_geneval": 1.0}, "kwargs": {"shapes_geneval": {"mode": "strict+partial"}}},
                 rl, rl * 4, {"lr": 3e-4, "clip_range": 1e-3})
     raise ValueError(f"model={model!r} is not allowed. Allowed: flux, shapes")
@@ -84,7 +85,9 @@ def make_config(model: str, variant: str, prompts_per_round: int, batch_size: in
               "guidance": 1.0, "batch_size": batch_size, **(TREE_SAMPLE if tree else FLAT[variant])}
     train = {"method": "branch_grpo" if tree else "flow_grpo", "train_cfg": False, "beta": 0.0,
              "updates_per_iteration": 2, "batch_size": batch_size, "method_options": TREE.get(variant, {}),
-             **train_opts}
+             # keep every group/tree: with a discrete verifier, dropping all-equal groups would make the work per
+             # iteration depend on the round's rewards instead of on the method
+             "advantage": {"drop_zero_std": False}, **train_opts}
     return load_config({"model": model_cfg, "sample": sample, "reward": {**reward, "background": False},
                         "train": train, "ema": {"enabled": False}, "seed": seed,
                         "eval": {"prompts": eval_prompts, "num_steps": STEPS, "batch_size": 64},
@@ -160,7 +163,23 @@ def per_iteration(model: str, prompts: int, repeats: int) -> tuple[list[dict], d
     return rows, {"repeats": repeats, "raw_wall": {v: times[v]["wall"] for v in VARIANTS}}
 
 
-def equal_time(model: str, prompts: int, seconds: float, variants: list[str], batch_size: int) -> list[dict]:
+def recipe_config(recipe: str):
+    """A shipped recipe for the equal-compute race: no time/iteration limits, no checkpoints, eval on the RL
+    prompts x 4 with fixed noise (the reward being optimised)."""
+    from flowalign.config import load_config, load_prompts
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / recipe)
+    rl, _ = load_prompts(cfg.sample.prompts) if isinstance(cfg.sample.prompts, str) else (cfg.sample.prompts, None)
+    name = Path(recipe).stem
+    return load_config(root / recipe, [
+        "max_iterations=1000000", "max_minutes=null", "checkpoint.every=0", "checkpoint.save_final=false",
+        "log.progress=false", f"output_dir=outputs/bench_tree_vs_flat/recipes/{name}", "eval.batch_size=64",
+        "eval.prompts=[" + ", ".join(rl * 4) + "]"])
+
+
+def equal_time(model: str, prompts: int, seconds: float, variants: list[str], batch_size: int,
+               recipes: list[str] | None = None) -> list[dict]:
     """Train each variant for ``seconds`` of its own compute, round-robin; ODE reward (fixed noise) before and after.
 
     The budget is this process's CPU time per iteration (single-threaded: the wall time of a dedicated core), so
@@ -168,7 +187,11 @@ def equal_time(model: str, prompts: int, seconds: float, variants: list[str], ba
     """
     from flowalign.trainer import Trainer
 
-    trainers = {v: Trainer(make_config(model, v, prompts, batch_size)) for v in variants}
+    if recipes:
+        variants = [Path(r).stem for r in recipes]
+        trainers = {Path(r).stem: Trainer(recipe_config(r)) for r in recipes}
+    else:
+        trainers = {v: Trainer(make_config(model, v, prompts, batch_size)) for v in variants}
     spent = {v: 0.0 for v in variants}
     wall = {v: 0.0 for v in variants}
     start = {v: trainers[v].evaluate()["eval/reward"] for v in variants}
@@ -205,6 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--equal-time-batch", type=int, default=64, help="rows per denoiser forward")
     ap.add_argument("--equal-time-variants", nargs="+",
                     default=["flow_grpo", "dance_grpo", "branch_grpo", "branch_grpo_deppru"])
+    ap.add_argument("--equal-time-recipes", nargs="*", default=[],
+                    help="race these shipped recipes instead (e.g. recipes/shapes_flow_grpo.yaml recipes/shapes_branch"
+                         ".yaml); --equal-time-model/-prompts/-batch/-variants are then ignored")
+    ap.add_argument("--only-equal-time", action="store_true", help="skip the per-iteration tables")
+    ap.add_argument("--merge", action="store_true", help="update benchmarks/results/<out>.json instead of replacing")
     ap.add_argument("--out", default="tree_vs_flat")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -214,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
                      "per_iteration": {}, "paper": {"danceGRPO_s": 698, "branchGRPO_pruned_s": 314,
                                                     "branchGRPO_mix_s": 148, "ratio_pruned": 314 / 698,
                                                     "ratio_mix": 148 / 698}}
-    for model in args.models:
+    for model in ([] if args.only_equal_time else args.models):
         if model == "shapes" and not shapes_available():
             print("shapes model not available (pipelines/shapes.py, pipelines/weights/shapes); skipped",
                   file=sys.stderr)
@@ -230,11 +258,21 @@ def main(argv: list[str] | None = None) -> None:
         if model == "shapes" and not shapes_available():
             model = "flux"
         rows = equal_time(model, args.equal_time_prompts, args.equal_time, args.equal_time_variants,
-                          args.equal_time_batch)
-        results["equal_time"] = {"model": model, "seconds": args.equal_time, "prompts": args.equal_time_prompts,
-                                 "batch_size": args.equal_time_batch, "rows": rows}
+                          args.equal_time_batch, args.equal_time_recipes)
+        key = "equal_time_recipes" if args.equal_time_recipes else "equal_time"
+        results[key] = {"model": model, "seconds": args.equal_time, "prompts": args.equal_time_prompts,
+                        "batch_size": args.equal_time_batch, "recipes": args.equal_time_recipes, "rows": rows}
         print(f"\n## {model}: ODE reward after {args.equal_time:.0f} CPU seconds of training each\n")
         print(format_table(rows))
+    if args.merge:  # keep the other models' / races' results of an earlier run
+        from common import RESULTS_DIR
+
+        old_path = RESULTS_DIR / f"{args.out}.json"
+        if old_path.is_file():
+            old = json.loads(old_path.read_text())
+            old.pop("machine", None)
+            merged = {**old.get("per_iteration", {}), **results["per_iteration"]}
+            results = {**old, **results, "per_iteration": merged}
     path = write_json(args.out, results)
     print(f"\nwrote {path}")
 

@@ -5,6 +5,7 @@ Public API (imported lazily, so ``import flowalign`` stays cheap)::
     from flowalign import load_config, Trainer, train          # the trainer and its config
     from flowalign import METHODS, Method, ADVANTAGES, POLICY_LOSSES, KERNELS, SCHEDULES, Registry
     from flowalign import sample, Trajectory, make_plan, EMA
+    from flowalign import run_checks, set_deterministic                # flowalign doctor, deterministic mode
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _EXPORTS = {
     "KERNELS": "flowalign.sde", "SCHEDULES": "flowalign.schedules", "make_plan": "flowalign.schedules",
     "StepPlan": "flowalign.schedules", "sample": "flowalign.rollout", "Trajectory": "flowalign.rollout",
     "recompute_log_probs": "flowalign.rollout", "Registry": "flowalign.registry", "EMA": "flowalign.ema",
+    "run_checks": "flowalign.doctor", "set_deterministic": "flowalign.doctor",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]  # noqa: PLE0605

@@ -52,7 +52,8 @@ class LoraSection:
 
 @dataclass
 class ModelSection:
-    adapter: str = _f("sd3", "Adapter name registered in flowalign.pipelines ADAPTERS: sd3, flux, wan, sd15, shapes.")
+    adapter: str = _f("sd3", "Adapter name registered in flowalign.pipelines ADAPTERS: sd3, flux, wan, sd15, "
+                      "sdxl, flux2, qwenimage, zimage, hunyuan_video, shapes.")
     path: str = _f("", "Pipeline path or hub id passed to the adapter's from_pretrained (local dirs only offline).")
     dtype: Literal["float32", "float16", "bfloat16"] = _f(
         "float32", "dtype of the frozen pipeline weights; trainable parameters are always kept in float32.")

@@ -27,14 +27,14 @@ import inspect
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
 
 from flowalign import sde
-from flowalign.rollout import recompute_log_probs, sample, step_log_prob
+from flowalign.rollout import sample, step_log_prob
 from flowalign.schedules import make_plan
 
 #: per model dtype: (ode_parity, ratio_one, batch_invariance) tolerances

@@ -77,6 +77,8 @@ class Trajectory:
               if f.name in per_sample and getattr(self, f.name) is not None}
         if self.cond is not None:
             kw["cond"] = self.cond.index(idx)
+        if "means" in self.extras:  # per-sample step means (return_means)
+            kw["extras"] = {**self.extras, "means": self.extras["means"][idx]}
         return replace(self, **kw)
 
 

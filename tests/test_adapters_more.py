@@ -76,7 +76,7 @@ def _ode(adapter, guidance: float, decode: bool = True, prompts=PROMPTS):
 # -- parity with the pipeline's own __call__ ----------------------------------------------------------------------
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_with_pipeline(adapters, case):
-    adapter, (family, kw, guidance) = adapters[case], CASES[case]
+    adapter, (family, _, guidance) = adapters[case], CASES[case]
     traj = _ode(adapter, guidance)
     ref_latents, ref_images = _pipeline(adapter, guidance)
     final = traj.latents[:, -1]

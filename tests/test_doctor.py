@@ -148,3 +148,13 @@ def test_config_flag_turns_deterministic_mode_on(tmp_path):
         assert math.isfinite(rec["loss"])
     finally:
         doctor.restore_determinism(prev)
+
+
+@pytest.mark.parametrize("family, guidance", [("sdxl", 5.0), ("flux2", 4.0), ("qwenimage", 4.0), ("zimage", 4.0),
+                                              ("hunyuan_video", 6.0)])
+def test_doctor_passes_on_the_new_adapters(family, guidance):
+    """Any model: the checklist runs through each adapter's own pipeline (``pipeline_call_kwargs``)."""
+    adapter = load_adapter(family, tiny.cached(family), **tiny.RESOLUTION[family])
+    checks = doctor.run_checks(adapter, ["a red cat", "two blue squares"], num_steps=3, guidance=guidance)
+    assert [c.name for c in checks] == list(ROWS)
+    assert all(c.passed for c in checks), doctor.format_table(checks)

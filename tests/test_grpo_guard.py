@@ -90,6 +90,27 @@ def test_ratio_norm_zero_at_ode_steps_and_errors():
         ratio_norm(torch.zeros(2), torch.zeros(2), mean, old_mean, std, reduction="max")
 
 
+def test_rollout_keeps_the_step_means():
+    from flowalign.pipelines import load_adapter
+    from flowalign.rollout import sample
+    from flowalign.schedules import make_plan
+
+    adapter = load_adapter("sd3", tiny.cached("sd3"), **tiny.RESOLUTION["sd3"])
+    plan = make_plan("fraction", 3, fraction=0.67, ode_outside=True)  # SDE on steps 0-1, ODE on step 2
+    traj = sample(adapter, ["a red cat", "a dog"], group_size=2, num_steps=3, plan=plan, decode=False,
+                  generator=torch.Generator().manual_seed(0), return_means=True)
+    means = traj.extras["means"]
+    assert means.shape == (4, 3, 4, 16, 16) and means.dtype == torch.float32
+    assert means[:, 2].abs().max().item() == 0.0  # ODE step: nothing stored
+    x, s0, s1 = traj.latents[:, 1], traj.sigmas[1], traj.sigmas[2]
+    with torch.no_grad():
+        mean, _ = sde.mean_std("flow_sde", x, adapter.predict(x, s0, traj.cond, 1.0), s0, s1, 0.7)
+    assert torch.equal(means[:, 1], mean)
+    sub = traj.index([3, 0])
+    assert torch.equal(sub.extras["means"], means[[3, 0]])
+    assert "means" not in sample(adapter, ["a"], num_steps=2, decode=False).extras
+
+
 # ------------------------------------------------------------------------------------------------ in Flow-GRPO
 def test_guard_first_update_ratio_one_loss_and_gap(tmp_path):
     from flowalign.trainer import Trainer
@@ -116,7 +137,7 @@ def test_guard_first_update_ratio_one_loss_and_gap(tmp_path):
         loss.backward()
     # a later update sees the moved policy: the normalised ratio leaves 1, the gap is not logged there
     tr.optimizer.step()
-    later = [b for b in col.batches if b.update == 1][0]
+    later = next(b for b in col.batches if b.update == 1)
     _, m = tr.method.loss(later)
     assert "logprob_gap_mean" not in m and m["ratio_max"].item() != m["ratio_min"].item()
 
@@ -181,3 +202,48 @@ def test_shapes_recipe_runs_one_step(tmp_path):
     assert rec["samples"] == 8 and rec["logprob_gap_max"] <= 1e-6 and rec["ratio_min"] <= 1 <= rec["ratio_max"]
     assert rec["num_updates"] == 0 or any(not torch.equal(a, p) for a, p in zip(before, tr.params))
     tr.method.close()
+
+
+# ------------------------------------------------------------------------------------------------ learning
+#: four relation prompts the shipped shapes model gets right about a third of the time (base strict ~0.2-0.35)
+SHAPES_PROMPTS = ["a red triangle left of a blue triangle", "a blue square right of a green square",
+                  "a blue triangle left of a green square", "a yellow triangle right of a blue square"]
+
+
+@pytest.mark.slow
+def test_grpo_guard_raises_shapes_verifier_accuracy(tmp_path):
+    """10 iterations of 4 prompts x 16 samples with recipes/shapes_grpo_guard.yaml (lr 1e-4, clip 1e-4) lift the
+    verifier's strict accuracy on those prompts (128 samples on shared noise). Measured: 0.34 -> 0.57 in these 10
+    iterations (~60 s of CPU). Over 12 iterations (one run each): GRPO-Guard 0.34 -> 0.69, plain Flow-GRPO with the
+    same lr 0.34 -> 0.53; at lr 3e-4 both degraded in this small-batch setting (Flow-GRPO 0.12, GRPO-Guard 0.30)."""
+    import json
+    from pathlib import Path
+
+    from flowalign.methods.base import generator
+    from flowalign.rewards.shapes import ShapesGenEval
+    from flowalign.rollout import sample
+    from flowalign.trainer import Trainer
+
+    torch.set_num_threads(1)
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "recipes" / "shapes_grpo_guard.yaml", [
+        f"sample.prompts={json.dumps(SHAPES_PROMPTS)}", "sample.prompts_per_round=4", "sample.group_size=16",
+        "ema.enabled=false", "checkpoint.save_final=false", "max_iterations=10", "log.progress=false",
+        f"output_dir={tmp_path}"])
+    assert cfg.train.method_options == GUARD
+    tr = Trainer(cfg)
+
+    def accuracy() -> torch.Tensor:
+        with torch.no_grad():
+            traj = sample(tr.adapter, SHAPES_PROMPTS, group_size=32, num_steps=10, kernel="ode", noise_level=0.0,
+                          generator=generator(123, "eval"), batch_size=128)
+        return ShapesGenEval(mode="strict")(traj.images.clamp(0, 1), traj.sample_prompts)
+
+    before = accuracy()
+    hist = tr.train()
+    after = accuracy()
+    print(f"GRPO-Guard strict accuracy {before.mean():.3f} -> {after.mean():.3f}; train reward "
+          f"{[round(h['reward_mean'], 2) for h in hist]}")
+    assert after.mean() > before.mean() + 0.15
+    assert sum(h["reward_mean"] for h in hist[-3:]) / 3 > sum(h["reward_mean"] for h in hist[:3]) / 3
+    assert all(h["logprob_gap_max"] <= 1e-6 for h in hist)  # rollout and training forwards agree throughout

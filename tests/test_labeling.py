@@ -99,7 +99,7 @@ def client(tmp_path):
 
 
 def test_api_labels_in_order_with_progress_and_undo(client):
-    c, rows, folder = client
+    c, _, folder = client
     s = c.get("/api/state").json()
     assert s["progress"] == {"total": 4, "done": 0, "skipped": 0, "remaining": 4} and not s["can_undo"]
     assert s["pair"]["id"] == "pair0" and {s["pair"]["left"]["key"], s["pair"]["right"]["key"]} == {"a", "b"}
@@ -252,6 +252,11 @@ def test_browser_keyboard_buttons_and_undo(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ trainer side
+def _redness(image) -> float:
+    """The redness reward of one ``[3, H, W]`` image: ``mean(R - (G + B) / 2)``."""
+    return float((image[0] - (image[1] + image[2]) / 2).mean())
+
+
 def _tiny_cfg(tmp_path, method="d3po", options=None, **train):
     from flowalign.config import load_config
     from flowalign.pipelines import tiny
@@ -267,7 +272,6 @@ def _tiny_cfg(tmp_path, method="d3po", options=None, **train):
         "output_dir": str(tmp_path / "run")})
 
 
-@pytest.mark.slow
 def test_d3po_waits_for_human_labels_from_the_web_app(tmp_path):
     """D3PO writes the round's pairs, a 'person' labels them through the HTTP server while training waits; the
     pairs it trains on are exactly those labels (skips dropped), and a timeout names the folder."""
@@ -295,8 +299,8 @@ def test_d3po_waits_for_human_labels_from_the_web_app(tmp_path):
             else:
                 from flowalign.pairs import load_media
 
-                red = {side: float((lambda m: (m[0] - (m[1] + m[2]) / 2).mean())(
-                    load_media(folder / pair[side]["url"][len("/media/"):]))) for side in ("left", "right")}
+                red = {side: _redness(load_media(folder / pair[side]["url"][len("/media/"):]))
+                       for side in ("left", "right")}
                 choice = pair["left"]["key"] if red["left"] > red["right"] else pair["right"]["key"]
             httpx.post(url + "api/label", json={"id": pair["id"], "choice": choice})
             decided[pair["id"]] = choice
@@ -335,8 +339,7 @@ def test_labelled_folder_trains_dpo_and_auto_label(tmp_path):
     assert len(labels) == n and all(v.annotator == "reward:redness" for v in labels.values())
     assert sample_queue(cfg, tmp_path / "q", per_prompt=3, auto_label="redness", progress=False) == 0  # idempotent
     for pair in pf.load_pairs(tmp_path / "q", size=(32, 32)):  # the redder image is the chosen one
-        red = [float((lambda m: (m[0] - (m[1] + m[2]) / 2).mean())(pf.load_media(p)))
-               for p in (pair.chosen, pair.rejected)]
+        red = [_redness(pf.load_media(p)) for p in (pair.chosen, pair.rejected)]
         assert red[0] >= red[1] - 1 / 255  # the judge saw float images, this the saved 8-bit PNGs
     dpo = _tiny_cfg(tmp_path, "dpo", {"pairs": str(tmp_path / "q"), "pairs_per_update": 4}, beta=100.0)
     tr = Trainer(dpo)

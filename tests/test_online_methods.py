@@ -218,6 +218,7 @@ def test_method_raises_its_reward(sd3_path, tmp_path, variant):
 
 ONLINE_RECIPES = sorted(p for pat in ("dance_*.yaml", "mixgrpo_*.yaml", "branch_*.yaml")
                         for p in (ROOT / "recipes").glob(pat))
+SHAPES_RECIPES = [ROOT / "recipes" / f"shapes_{n}.yaml" for n in ("dance", "mix", "branch")]
 
 
 @pytest.mark.parametrize("recipe", ONLINE_RECIPES, ids=lambda p: p.name)
@@ -287,3 +288,19 @@ def test_branch_grpo_two_processes_match_one(sd3_path, tmp_path):
         assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5, name
     moved = max(v.abs().max().item() for k, v in load_file(str(c1 / "weights.safetensors")).items() if "lora_B" in k)
     assert moved > 1e-2
+
+
+@pytest.mark.parametrize("recipe", SHAPES_RECIPES, ids=lambda p: p.name)
+def test_shapes_recipe_runs_one_step(recipe, tmp_path):
+    """The shapes-world recipes as shipped (pretrained model, verifier reward), on 2 prompts."""
+    from flowalign.trainer import Trainer
+
+    cfg = load_config(recipe, ["sample.prompts_per_round=2", "sample.batch_size=32", "max_iterations=1",
+                               "checkpoint.save_final=false", "checkpoint.every=0", f"output_dir={tmp_path}",
+                               "log.progress=false"])
+    trainer = Trainer(cfg)
+    rec = trainer.step()
+    assert rec["samples"] == 32 and 0.0 <= rec["reward_mean"] <= 2.0 and torch.isfinite(torch.tensor(rec["loss"]))
+    if cfg.train.method == "branch_grpo":  # 4 early splits, ODE after: 111 rows per tree of 16 leaves
+        assert rec["nfe_per_leaf"] == pytest.approx(111 / 16) and rec["tree_size"] == 1 + 2 + 4 + 8 + 16 * 7
+    trainer.method.close()

@@ -178,7 +178,7 @@ def _toy_log_probs(method, theta: float) -> list[float]:
 
 
 def test_d3po_loss_equals_hand_computation_on_two_pairs():
-    method, adapter = _method("d3po", {"ratio_clip": 0.02})
+    method, _ = _method("d3po", {"ratio_clip": 0.02})
     lp, lp_ref = _toy_log_probs(method, 0.5), _toy_log_probs(method, 0.3)
     lo, hi = math.log(0.98), math.log(1.02)
     lr = [min(max(a - b, lo), hi) for a, b in zip(lp, lp_ref)]
@@ -186,7 +186,7 @@ def test_d3po_loss_equals_hand_computation_on_two_pairs():
     assert any(lo < a - b < hi for a, b in zip(lp, lp_ref)), "and an unclipped step"
     beta = 0.5
     want = (-math.log(_sigmoid(beta * (lr[0] - lr[1]))) - math.log(_sigmoid(beta * (lr[2] - lr[3])))) / 2
-    loss, m = method.loss(Batch({"pairs": torch.tensor([0, 1]), "step": 0, "weight": 0.5}))
+    loss, _ = method.loss(Batch({"pairs": torch.tensor([0, 1]), "step": 0, "weight": 0.5}))
     assert loss.item() == pytest.approx(want, rel=1e-6)  # the kernel rounds x_next to fp32 ("fp32 inside")
     # the kernel code agrees with the written-out density
     new = sde.log_prob_of("flow_sde", method._store.latents[:, 0], method._store.latents[:, 1],
@@ -213,13 +213,13 @@ def test_d3po_gradient_raises_chosen_relative_to_rejected(pair):
 
 
 def test_prdp_loss_equals_hand_computation():
-    method, adapter = _method("prdp", {"ratio_clip": 0.2}, beta=2.0)
+    method, _ = _method("prdp", {"ratio_clip": 0.2}, beta=2.0)
     lp = _toy_log_probs(method, 0.5)
     old = method._store.log_probs[:, 0].tolist()  # the sampling policy is PRDP's reference
     lr = [min(max(a - b, math.log(0.8)), math.log(1.2)) for a, b in zip(lp, old)]
     target = [0.8, -0.3]
     want = ((target[0] - 2.0 * (lr[0] - lr[1])) ** 2 + (target[1] - 2.0 * (lr[2] - lr[3])) ** 2) / 2
-    loss, m = method.loss(Batch({"pairs": torch.tensor([0, 1]), "step": 0, "weight": 0.5}))
+    loss, _ = method.loss(Batch({"pairs": torch.tensor([0, 1]), "step": 0, "weight": 0.5}))
     assert loss.item() == pytest.approx(want, rel=1e-6)
 
 
@@ -267,11 +267,13 @@ def test_dpo_loss_equals_hand_computation_on_two_pairs(tmp_path):
 
     want = sum(-math.log(_sigmoid(-25.0 * ((err(0.5, k) - err(0.3, k)) - (err(0.5, k + n) - err(0.3, k + n)))))
                for k in range(n)) * b.data["weight"]
-    loss, m = method.loss(b)
+    loss, _ = method.loss(b)
     assert loss.item() == pytest.approx(want, rel=1e-5)
     # gradient step: the chosen error falls relative to the rejected one
     loss.backward()
-    gap = lambda t: sum(err(t, k) - err(t, k + n) for k in range(n))  # noqa: E731
+    def gap(t):
+        return sum(err(t, k) - err(t, k + n) for k in range(n))
+
     th = adapter.net.theta.item()
     assert gap(th - 1e-3 * adapter.net.theta.grad.item()) < gap(th)
 
@@ -294,8 +296,9 @@ def test_bad_pairs_file_reports_every_row_and_trains_nothing(tmp_path):
         load_pairs(bad, size=(2, 2))
     msg = str(e.value)
     assert len(e.value.errors) == 6, msg
-    for needle in ("line 3 (id 'p2'): rejected file", "not found", "line 4 (id 'p3'): chosen", "is 4x4 (HxW), "
-                   "expected 2x2", "line 5 (id 'p0'): duplicate id 'p0' (first on line 1)", "line 6: malformed JSON",
+    for needle in ("line 3 (id 'p2'): rejected file", "not found", "line 4 (id 'p3'): chosen",
+                   "is 4x4 (HxW), expected 2x2", "line 5 (id 'p0'): duplicate id 'p0' (first on line 1)",
+                   "line 6: malformed JSON",
                    "line 7 (id 'p6'): missing key(s) 'prompt'", "line 8 (id 'p7'): chosen and rejected are the same"):
         assert needle in msg, msg
     # through the trainer: the error comes before anything trains or is written
@@ -433,7 +436,6 @@ class ShapesEps:
     @staticmethod
     def register():
         from diffusers import DDIMScheduler
-
         from flowalign.pipelines.shapes import ShapesAdapter
 
         @ADAPTERS.register("shapes_eps", overwrite=True)

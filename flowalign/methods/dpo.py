@@ -189,7 +189,7 @@ class DPO(Method):
     def prepare(self, pos: Tensor, pair_idx: Tensor, iteration: int) -> dict[str, Tensor]:
         """Noised inputs of a micro-batch: rows ``[w_0 .. w_{m-1}, l_0 .. l_{m-1}]`` repeated per timestep."""
         K, dev = self.opts.timesteps_per_pair, self.runtime.device
-        xs, sig, eps, x0s, conds = [], [], [], [], []
+        sig, eps, x0s, conds = [], [], [], []
         for p, i in zip(pos.tolist(), pair_idx.tolist()):
             pair = self.pairs[i]
             gen = generator(self.cfg.seed, "dpo", iteration, p)
@@ -211,7 +211,7 @@ class DPO(Method):
             x, target = (1 - sv) * x0 + sv * e, e - x0
         else:
             x, target = torch.sqrt(1 - sv**2) * x0 + sv * e, e
-        flat = lambda t: t.transpose(0, 1).reshape(-1, *t.shape[2:])  # noqa: E731 - chosen rows first
+        flat = lambda t: t.transpose(0, 1).reshape(-1, *t.shape[2:])  # chosen rows first
         cond = Cond.cat(conds)
         return {"x": flat(x).to(self.adapter.dtype), "target": flat(target), "sigma": flat(sigma),
                 "cond": Cond.cat([cond, cond])}

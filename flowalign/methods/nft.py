@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from safetensors.torch import load as st_load
@@ -122,7 +122,7 @@ class DiffusionNFT(FlowGRPO):
     # ------------------------------------------------------------------------------------------ checks
     @classmethod
     def check_config(cls, cfg) -> None:
-        s, t, o = cfg.sample, cfg.train, cfg.train.method_options
+        s, o = cfg.sample, cfg.train.method_options
         unknown = set(o) - set(OPTIONS)
         if unknown:
             raise ConfigError(f"train.method_options: unknown key(s) {sorted(unknown)} for nft; "

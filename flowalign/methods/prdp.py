@@ -31,7 +31,7 @@ from flowalign import sde
 from flowalign.config import ConfigError, _f
 from flowalign.losses import gaussian_kl, reward_difference_loss
 from flowalign.methods.base import METHODS
-from flowalign.methods.d3po import OPTIONS_KEY, D3PO, PairOptions
+from flowalign.methods.d3po import D3PO, OPTIONS_KEY, PairOptions
 
 
 @dataclass
