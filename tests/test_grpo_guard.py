@@ -205,45 +205,15 @@ def test_shapes_recipe_runs_one_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ learning
-#: four relation prompts the shipped shapes model gets right about a third of the time (base strict ~0.2-0.35)
-SHAPES_PROMPTS = ["a red triangle left of a blue triangle", "a blue square right of a green square",
-                  "a blue triangle left of a green square", "a yellow triangle right of a blue square"]
-
-
 @pytest.mark.slow
 def test_grpo_guard_raises_shapes_verifier_accuracy(tmp_path):
-    """10 iterations of 4 prompts x 16 samples with recipes/shapes_grpo_guard.yaml (lr 1e-4, clip 1e-4) lift the
-    verifier's strict accuracy on those prompts (128 samples on shared noise). Measured: 0.34 -> 0.57 in these 10
+    """10 iterations of 4 relation prompts x 16 samples with recipes/shapes_grpo_guard.yaml (lr 1e-4, clip 1e-4) lift
+    the verifier's strict accuracy on those prompts (128 samples on shared noise). Measured: 0.34 -> 0.57 in these 10
     iterations (~60 s of CPU). Over 12 iterations (one run each): GRPO-Guard 0.34 -> 0.69, plain Flow-GRPO with the
     same lr 0.34 -> 0.53; at lr 3e-4 both degraded in this small-batch setting (Flow-GRPO 0.12, GRPO-Guard 0.30)."""
-    import json
-    from pathlib import Path
+    from tests.shapes_world import reward_trend, train_on_relations
 
-    from flowalign.methods.base import generator
-    from flowalign.rewards.shapes import ShapesGenEval
-    from flowalign.rollout import sample
-    from flowalign.trainer import Trainer
-
-    torch.set_num_threads(1)
-    root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "recipes" / "shapes_grpo_guard.yaml", [
-        f"sample.prompts={json.dumps(SHAPES_PROMPTS)}", "sample.prompts_per_round=4", "sample.group_size=16",
-        "ema.enabled=false", "checkpoint.save_final=false", "max_iterations=10", "log.progress=false",
-        f"output_dir={tmp_path}"])
-    assert cfg.train.method_options == GUARD
-    tr = Trainer(cfg)
-
-    def accuracy() -> torch.Tensor:
-        with torch.no_grad():
-            traj = sample(tr.adapter, SHAPES_PROMPTS, group_size=32, num_steps=10, kernel="ode", noise_level=0.0,
-                          generator=generator(123, "eval"), batch_size=128)
-        return ShapesGenEval(mode="strict")(traj.images.clamp(0, 1), traj.sample_prompts)
-
-    before = accuracy()
-    hist = tr.train()
-    after = accuracy()
-    print(f"GRPO-Guard strict accuracy {before.mean():.3f} -> {after.mean():.3f}; train reward "
-          f"{[round(h['reward_mean'], 2) for h in hist]}")
+    before, after, hist = train_on_relations("shapes_grpo_guard.yaml", tmp_path, 10)
     assert after.mean() > before.mean() + 0.15
-    assert sum(h["reward_mean"] for h in hist[-3:]) / 3 > sum(h["reward_mean"] for h in hist[:3]) / 3
+    assert reward_trend(hist) > 0
     assert all(h["logprob_gap_max"] <= 1e-6 for h in hist)  # rollout and training forwards agree throughout

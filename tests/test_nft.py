@@ -241,42 +241,13 @@ def test_shapes_recipe_runs_one_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ learning
-#: four relation prompts the shipped shapes model gets right about a third of the time (base strict ~0.2-0.35)
-SHAPES_PROMPTS = ["a red triangle left of a blue triangle", "a blue square right of a green square",
-                  "a blue triangle left of a green square", "a yellow triangle right of a blue square"]
-
-
-def shapes_accuracy(trainer, prompts, seeds: int = 32) -> torch.Tensor:
-    """Verifier strict accuracy per sample of deterministic (Euler) samples on fixed noise, live weights."""
-    from flowalign.methods.base import generator
-    from flowalign.rewards.shapes import ShapesGenEval
-    from flowalign.rollout import sample
-
-    with torch.no_grad():
-        traj = sample(trainer.adapter, prompts, group_size=seeds, num_steps=10, kernel="ode", noise_level=0.0,
-                      generator=generator(123, "eval"), batch_size=128)
-    return ShapesGenEval(mode="strict")(traj.images.clamp(0, 1), traj.sample_prompts)
-
-
 @pytest.mark.slow
 def test_nft_raises_shapes_verifier_accuracy(tmp_path):
-    """8 iterations of 4 prompts x 16 samples (recipes/shapes_nft.yaml otherwise: full fine-tuning, lr 3e-4) lift the
-    verifier's strict accuracy on those prompts (128 samples on shared noise). Measured: 0.34 -> 0.61 in these
-    8 iterations (0.80 after 10), ~50 s on 2 cores."""
-    import json
+    """8 iterations of 4 relation prompts x 16 samples (recipes/shapes_nft.yaml otherwise: full fine-tuning, lr 3e-4)
+    lift the verifier's strict accuracy on those prompts (128 samples on shared noise). Measured: 0.34 -> 0.61 in
+    these 8 iterations (0.80 after 10), ~50 s on 2 cores."""
+    from tests.shapes_world import reward_trend, train_on_relations
 
-    from flowalign.trainer import Trainer
-
-    torch.set_num_threads(1)
-    cfg = load_config(ROOT / "recipes" / "shapes_nft.yaml", [
-        f"sample.prompts={json.dumps(SHAPES_PROMPTS)}", "sample.prompts_per_round=4", "sample.group_size=16",
-        "ema.enabled=false", "checkpoint.save_final=false", "max_iterations=8", "log.progress=false",
-        f"output_dir={tmp_path}"])
-    tr = Trainer(cfg)
-    before = shapes_accuracy(tr, SHAPES_PROMPTS)
-    hist = tr.train()
-    after = shapes_accuracy(tr, SHAPES_PROMPTS)
-    print(f"NFT strict accuracy {before.mean():.3f} -> {after.mean():.3f}; train reward "
-          f"{[round(h['reward_mean'], 2) for h in hist]}")
+    before, after, hist = train_on_relations("shapes_nft.yaml", tmp_path, 8)
     assert after.mean() > before.mean() + 0.15
-    assert sum(h["reward_mean"] for h in hist[-3:]) / 3 > sum(h["reward_mean"] for h in hist[:3]) / 3
+    assert reward_trend(hist) > 0

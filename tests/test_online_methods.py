@@ -304,3 +304,18 @@ def test_shapes_recipe_runs_one_step(recipe, tmp_path):
     if cfg.train.method == "branch_grpo":  # 4 early splits, ODE after: 111 rows per tree of 16 leaves
         assert rec["nfe_per_leaf"] == pytest.approx(111 / 16) and rec["tree_size"] == 1 + 2 + 4 + 8 + 16 * 7
     trainer.method.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", SHAPES_RECIPES, ids=lambda p: p.stem)
+def test_shapes_recipe_raises_verifier_accuracy(recipe, tmp_path):
+    """Each family recipe, for 14 iterations of 4 relation prompts x 16 samples at lr 1e-4, lifts the verifier's
+    strict accuracy on those prompts (128 deterministic samples on shared noise) and its training reward. The lower
+    lr: with 4 prompts, each of the recipes' 4 updates per round sees one prompt's group, and at lr 3e-4 that
+    over-fits each prompt in turn (measured 0.34 -> 0.20 / 0.11 / 0.20 for dance / mix / branch in 8 iterations).
+    Measured here: dance 0.34 -> 0.58, mix -> 0.71, branch -> 0.45 (~60 s each on one core)."""
+    from tests.shapes_world import reward_trend, train_on_relations
+
+    before, after, hist = train_on_relations(recipe.name, tmp_path, 14, "train.lr=1e-4")
+    assert after.mean() > before.mean() + 0.1
+    assert reward_trend(hist) > 0
