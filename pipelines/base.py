@@ -18,6 +18,7 @@ reproduces the diffusers pipeline's own output (max abs diff <= 1e-4 in fp32).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -147,6 +148,45 @@ class Adapter(ABC):
     def cfg_combine(out_uncond: Tensor, out_cond: Tensor, guidance: float) -> Tensor:
         """Classifier-free guidance: ``u + w (c - u)`` (Ho & Salimans 2022)."""
         return out_uncond + guidance * (out_cond - out_uncond)
+
+    @staticmethod
+    def cfg_batch(cond: Cond, tensors: Sequence[Tensor], negative_first: bool = True,
+                  what: str = "guidance > 1") -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Inputs of one batched CFG forward: every tensor of ``tensors`` (latents, timesteps, ...) twice, and the
+        conditioning kwargs stacked with the unconditional ones, ``[uncond; cond]`` (SD3, SD1.5, SDXL: the pipelines'
+        order) or ``[cond; uncond]`` with ``negative_first=False`` (Wan, FLUX true CFG, Qwen-Image, HunyuanVideo)."""
+        if cond.uncond is None:
+            raise ValueError(f"{what} needs unconditional (negative) embeddings: encode(prompts, negative='')")
+        kwargs = {k: torch.cat([cond.uncond[k], v] if negative_first else [v, cond.uncond[k]])
+                  for k, v in cond.kwargs.items()}
+        return [torch.cat([t, t]) for t in tensors], kwargs
+
+    def memo_sigmas(self, num_steps: int, make: Callable[[int], Tensor]) -> Tensor:
+        """``make(num_steps)`` computed once per step count (a copy returned each call); checks ``num_steps``."""
+        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        cache: dict[int, Tensor] = self.__dict__.setdefault("_sigma_cache", {})
+        if num_steps not in cache:
+            cache[num_steps] = make(num_steps)
+        return cache[num_steps].clone()
+
+    def scheduler_sigmas(self, num_steps: int, **kwargs: Any) -> Tensor:
+        """The sigmas (with the terminal 0) that diffusers' ``retrieve_timesteps(scheduler, num_steps, **kwargs)``
+        sets, on a copy of the pipeline's scheduler so that the pipeline's own state is left alone."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
+
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        retrieve_timesteps(scheduler, num_steps, "cpu", **kwargs)
+        return scheduler.sigmas.detach().clone()
+
+    def resolution_shift(self, image_seq_len: int, max_shift: float = 1.15) -> float:
+        """The resolution-dependent shift ``mu`` (FLUX/SD3.5 ``calculate_shift``: linear in the latent token count
+        between ``base_image_seq_len`` and ``max_image_seq_len``) from the scheduler's config."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        cfg = self.pipe.scheduler.config
+        return calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                               cfg.get("base_shift", 0.5), cfg.get("max_shift", max_shift))
 
     @staticmethod
     def expand_sigma(sigma: Tensor | float, batch: int, device=None) -> Tensor:

@@ -15,13 +15,11 @@ conditional one). The transformer gets ``timestep = sigma * 1000 / 1000`` in the
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from diffusers import FluxPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from torch import Tensor, nn
 
 from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
@@ -53,7 +51,6 @@ class FluxAdapter(Adapter):
             raise ValueError(f"true_cfg_scale must be >= 1 (1 = off), got {true_cfg_scale}")
         self.max_sequence_length = max_sequence_length
         self.true_cfg_scale = float(true_cfg_scale)
-        self._sigmas: dict[int, Tensor] = {}
         self._img_ids: dict[tuple, Tensor] = {}
 
     @property
@@ -96,18 +93,10 @@ class FluxAdapter(Adapter):
 
     def sigmas(self, num_steps: int) -> Tensor:
         """``linspace(1, 1/N, N)`` shifted with the resolution-dependent ``mu``, plus the terminal 0."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if num_steps not in self._sigmas:
-            scheduler = copy.deepcopy(self.pipe.scheduler)
-            cfg = scheduler.config
-            sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
-            mu = calculate_shift(self.image_seq_len, cfg.get("base_image_seq_len", 256),
-                                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                                 cfg.get("max_shift", 1.15))
-            retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=sigmas, mu=mu)
-            self._sigmas[num_steps] = scheduler.sigmas.detach().clone()
-        return self._sigmas[num_steps].clone()
+        def make(n: int) -> Tensor:
+            linear = None if self.pipe.scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / n, n)
+            return self.scheduler_sigmas(n, sigmas=linear, mu=self.resolution_shift(self.image_seq_len))
+        return self.memo_sigmas(num_steps, make)
 
     def _latent_image_ids(self, device, dtype) -> Tensor:
         key = (str(device), dtype)
@@ -129,11 +118,8 @@ class FluxAdapter(Adapter):
         kwargs = cond.kwargs
         cfg = self.true_cfg_scale > 1.0
         if cfg:
-            if cond.uncond is None:
-                raise ValueError("true_cfg_scale > 1 needs negative embeddings: encode(prompts, negative='')")
-            x, t = torch.cat([x, x]), torch.cat([t, t])
+            (x, t), kwargs = self.cfg_batch(cond, (x, t), negative_first=False, what="true_cfg_scale > 1")
             g = None if g is None else torch.cat([g, g])
-            kwargs = {k: torch.cat([v, cond.uncond[k]]) for k, v in kwargs.items()}
         out = self.pipe.transformer(hidden_states=x, timestep=t, guidance=g, txt_ids=cond.extra["txt_ids"],
                                     img_ids=self._latent_image_ids(x.device, x.dtype), return_dict=False,
                                     **kwargs)[0]

@@ -16,13 +16,12 @@ What differs from FLUX.1 (``flowalign.pipelines.flux``):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from diffusers import Flux2Pipeline
-from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, retrieve_timesteps
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import Tensor, nn
 
 from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
@@ -56,7 +55,6 @@ class Flux2Adapter(Adapter):
                              f"in [0, {n_layers}] of the text encoder")
         self.max_sequence_length = int(max_sequence_length)
         self.text_encoder_out_layers = tuple(int(k) for k in text_encoder_out_layers)
-        self._sigmas: dict[int, Tensor] = {}
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -84,15 +82,11 @@ class Flux2Adapter(Adapter):
 
     def sigmas(self, num_steps: int) -> Tensor:
         """``linspace(1, 1/N, N)`` shifted with ``mu = compute_empirical_mu(seq_len, N)``, plus the terminal 0."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if num_steps not in self._sigmas:
-            scheduler = copy.deepcopy(self.pipe.scheduler)
+        def make(n: int) -> Tensor:
             h, w = self.latent_hw
-            sig = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
-            retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=sig, mu=compute_empirical_mu(h * w, num_steps))
-            self._sigmas[num_steps] = scheduler.sigmas.detach().clone()
-        return self._sigmas[num_steps].clone()
+            linear = None if self.pipe.scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / n, n)
+            return self.scheduler_sigmas(n, sigmas=linear, mu=compute_empirical_mu(h * w, n))
+        return self.memo_sigmas(num_steps, make)
 
     def _latent_ids(self, batch: int, device) -> Tensor:
         h, w = self.latent_hw

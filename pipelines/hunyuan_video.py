@@ -16,13 +16,12 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from diffusers import HunyuanVideoPipeline
-from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE, retrieve_timesteps
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 from torch import Tensor, nn
 
 from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
@@ -60,7 +59,6 @@ class HunyuanVideoAdapter(Adapter):
             prefix = template["template"].split("{}")[0]
             template["crop_start"] = len(pipe.tokenizer(prefix).input_ids)
         self.prompt_template = template
-        self._sigmas: dict[int, Tensor] = {}
 
     # -- contract ---------------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], negative: Sequence[str] | str | None = None) -> Cond:
@@ -90,13 +88,7 @@ class HunyuanVideoAdapter(Adapter):
 
     def sigmas(self, num_steps: int) -> Tensor:
         """``linspace(1, 0, N + 1)[:-1]`` through the scheduler's shift, plus the terminal 0."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if num_steps not in self._sigmas:
-            scheduler = copy.deepcopy(self.pipe.scheduler)
-            retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1])
-            self._sigmas[num_steps] = scheduler.sigmas.detach().clone()
-        return self._sigmas[num_steps].clone()
+        return self.memo_sigmas(num_steps, lambda n: self.scheduler_sigmas(n, sigmas=np.linspace(1.0, 0.0, n + 1)[:-1]))
 
     def predict(self, x: Tensor, sigma: Tensor | float, cond: Cond, guidance: float = 6.0) -> Tensor:
         """Velocity ``[B, C, T, H, W]`` with the embedded guidance ``guidance``; true CFG when ``true_cfg_scale > 1``."""
@@ -107,10 +99,7 @@ class HunyuanVideoAdapter(Adapter):
         x_in, kw = x.to(dtype), cond.kwargs
         cfg = self.true_cfg_scale > 1.0
         if cfg:
-            if cond.uncond is None:
-                raise ValueError("true_cfg_scale > 1 needs negative embeddings: encode(prompts, negative='')")
-            x_in, t, g = torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([g, g])
-            kw = {k: torch.cat([v, cond.uncond[k]]) for k, v in kw.items()}
+            (x_in, t, g), kw = self.cfg_batch(cond, (x_in, t, g), negative_first=False, what="true_cfg_scale > 1")
         out = self.pipe.transformer(hidden_states=x_in, timestep=t, guidance=g, return_dict=False, **kw)[0]
         if cfg:
             positive, negative = out.chunk(2)

@@ -17,13 +17,11 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from diffusers import QwenImagePipeline
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from torch import Tensor, nn
 
 from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
@@ -57,7 +55,6 @@ class QwenImageAdapter(Adapter):
             raise ValueError(f"max_sequence_length must be in [1, {pipe.tokenizer_max_length}], "
                              f"got {max_sequence_length}")
         self.max_sequence_length = int(max_sequence_length)
-        self._sigmas: dict[int, Tensor] = {}
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -92,17 +89,9 @@ class QwenImageAdapter(Adapter):
 
     def sigmas(self, num_steps: int) -> Tensor:
         """``linspace(1, 1/N, N)`` shifted with the resolution-dependent ``mu``, plus the terminal 0."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if num_steps not in self._sigmas:
-            scheduler = copy.deepcopy(self.pipe.scheduler)
-            cfg = scheduler.config
-            h, w = self.latent_hw
-            mu = calculate_shift(h * w, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                                 cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-            retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-            self._sigmas[num_steps] = scheduler.sigmas.detach().clone()
-        return self._sigmas[num_steps].clone()
+        h, w = self.latent_hw
+        return self.memo_sigmas(num_steps, lambda n: self.scheduler_sigmas(
+            n, sigmas=np.linspace(1.0, 1 / n, n), mu=self.resolution_shift(h * w)))
 
     def predict(self, x: Tensor, sigma: Tensor | float, cond: Cond, guidance: float = 4.0) -> Tensor:
         """Velocity on packed latents; true CFG with norm rescaling when ``guidance > 1``."""
@@ -112,10 +101,7 @@ class QwenImageAdapter(Adapter):
         kw = cond.kwargs
         cfg = guidance > 1.0
         if cfg:
-            if cond.uncond is None:
-                raise ValueError("guidance > 1 needs negative embeddings: encode(prompts, negative='')")
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            kw = {k: torch.cat([v, cond.uncond[k]]) for k, v in kw.items()}
+            (x, t), kw = self.cfg_batch(cond, (x, t), negative_first=False)
         mask = kw["encoder_hidden_states_mask"]
         length = int(mask.sum(1).max())  # trim the shared padding: the batch's longest prompt
         pe, mask = kw["encoder_hidden_states"][:, :length], mask[:, :length]

@@ -58,7 +58,6 @@ class SD15Adapter(Adapter):
                              f"{pipe.vae_scale_factor}")
         # sqrt(1 - alpha_bar_t) for every training timestep t, the table predict() inverts
         self._levels = torch.sqrt(1.0 - pipe.scheduler.alphas_cumprod.double()).float()
-        self._sigmas: dict[int, Tensor] = {}
 
     # -- contract ---------------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], negative: Sequence[str] | str | None = None) -> Cond:
@@ -85,22 +84,20 @@ class SD15Adapter(Adapter):
 
     def sigmas(self, num_steps: int) -> Tensor:
         """``sqrt(1 - alpha_bar)`` at the DDIM timesteps, then ``sqrt(1 - final_alpha_cumprod)`` (fp64 -> fp32)."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if num_steps not in self._sigmas:
+        def make(n: int) -> Tensor:
             sched = self.pipe.scheduler
-            ts = self.timesteps(num_steps).long()
-            prev = ts - sched.config.num_train_timesteps // num_steps  # DDIMScheduler.step's previous timestep
+            ts = self.timesteps(n).long()
+            prev = ts - sched.config.num_train_timesteps // n  # DDIMScheduler.step's previous timestep
             if not torch.equal(prev[:-1], ts[1:]):
                 raise ValueError(
-                    f"DDIM with timestep_spacing={sched.config.timestep_spacing!r} and num_steps={num_steps} does not "
+                    f"DDIM with timestep_spacing={sched.config.timestep_spacing!r} and num_steps={n} does not "
                     f"step onto its own next timestep; use timestep_spacing 'leading' or 'trailing'")
             alphas = sched.alphas_cumprod.double()
             final = torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float64)
             last = alphas[prev[-1]] if prev[-1] >= 0 else final
             alpha_bar = torch.cat([alphas[ts], last.reshape(1)])
-            self._sigmas[num_steps] = torch.sqrt(1.0 - alpha_bar).float()
-        return self._sigmas[num_steps].clone()
+            return torch.sqrt(1.0 - alpha_bar).float()
+        return self.memo_sigmas(num_steps, make)
 
     def sigma_to_timestep(self, sigma: Tensor | float, batch: int, device=None) -> Tensor:
         """Integer timesteps ``[B]`` whose level ``sqrt(1 - alpha_bar_t)`` equals ``sigma``."""
@@ -115,13 +112,11 @@ class SD15Adapter(Adapter):
     def predict(self, x: Tensor, sigma: Tensor | float, cond: Cond, guidance: float = 7.5) -> Tensor:
         """Noise ``eps`` at level ``sigma``; CFG ``u + w (c - u)`` as one batched forward when ``guidance > 1``."""
         t = self.sigma_to_timestep(sigma, x.shape[0], x.device)
-        hidden = cond.kwargs["encoder_hidden_states"]
+        kw = cond.kwargs
         cfg = guidance > 1.0
         if cfg:
-            if cond.uncond is None:
-                raise ValueError("guidance > 1 needs unconditional embeddings: encode(prompts, negative='')")
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            hidden = torch.cat([cond.uncond["encoder_hidden_states"], hidden])
+            (x, t), kw = self.cfg_batch(cond, (x, t))
+        hidden = kw["encoder_hidden_states"]
         x = self.pipe.scheduler.scale_model_input(x, t)
         out = self.pipe.unet(x, t, encoder_hidden_states=hidden, return_dict=False)[0]
         if cfg:

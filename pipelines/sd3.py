@@ -11,12 +11,10 @@ pipeline does, applied when ``guidance > 1`` (the pipeline's ``do_classifier_fre
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from diffusers import StableDiffusion3Pipeline
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 from torch import Tensor, nn
 
 from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
@@ -44,7 +42,6 @@ class SD3Adapter(Adapter):
             raise ValueError(f"height={self.height} and width={self.width} must be multiples of {multiple} "
                              f"(vae_scale_factor * patch_size)")
         self.max_sequence_length = max_sequence_length
-        self._sigmas: dict[int, Tensor] = {}
 
     # -- contract ---------------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], negative: Sequence[str] | str | None = None) -> Cond:
@@ -69,21 +66,11 @@ class SD3Adapter(Adapter):
 
     def sigmas(self, num_steps: int) -> Tensor:
         """The scheduler's shifted sigmas for ``num_steps`` plus the terminal 0 (``num_steps + 1`` values)."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if num_steps not in self._sigmas:
-            scheduler = copy.deepcopy(self.pipe.scheduler)  # leave the pipeline's scheduler state alone
-            kwargs = {}
-            cfg = scheduler.config
-            if cfg.get("use_dynamic_shifting", None):  # as the pipeline: mu from the latent token count
-                p = self.pipe.transformer.config.patch_size
-                seq = (self.height // self.pipe.vae_scale_factor // p) * (self.width // self.pipe.vae_scale_factor // p)
-                kwargs["mu"] = calculate_shift(seq, cfg.get("base_image_seq_len", 256),
-                                               cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                                               cfg.get("max_shift", 1.16))
-            retrieve_timesteps(scheduler, num_steps, "cpu", **kwargs)
-            self._sigmas[num_steps] = scheduler.sigmas.detach().clone()
-        return self._sigmas[num_steps].clone()
+        kwargs = {}
+        if self.pipe.scheduler.config.get("use_dynamic_shifting", None):  # as the pipeline: mu from the token count
+            p, f = self.pipe.transformer.config.patch_size, self.pipe.vae_scale_factor
+            kwargs["mu"] = self.resolution_shift((self.height // f // p) * (self.width // f // p), max_shift=1.16)
+        return self.memo_sigmas(num_steps, lambda n: self.scheduler_sigmas(n, **kwargs))
 
     def predict(self, x: Tensor, sigma: Tensor | float, cond: Cond, guidance: float = 1.0) -> Tensor:
         """Velocity ``v`` at noise level ``sigma`` (scalar or ``[B]``); CFG ``u + w (c - u)`` when ``guidance > 1``."""
@@ -92,10 +79,7 @@ class SD3Adapter(Adapter):
         kwargs = cond.kwargs
         cfg = guidance > 1.0
         if cfg:
-            if cond.uncond is None:
-                raise ValueError("guidance > 1 needs unconditional embeddings: encode(prompts, negative='')")
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            kwargs = {k: torch.cat([cond.uncond[k], v]) for k, v in kwargs.items()}
+            (x, t), kwargs = self.cfg_batch(cond, (x, t))
         out = self.pipe.transformer(hidden_states=x, timestep=t, return_dict=False, **kwargs)[0]
         if cfg:
             out = self.cfg_combine(*out.chunk(2), guidance)

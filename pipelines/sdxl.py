@@ -84,10 +84,7 @@ class SDXLAdapter(SD15Adapter):
         kw = cond.kwargs
         cfg = guidance > 1.0
         if cfg:
-            if cond.uncond is None:
-                raise ValueError("guidance > 1 needs unconditional embeddings: encode(prompts, negative='')")
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            kw = {k: torch.cat([cond.uncond[k], v]) for k, v in kw.items()}
+            (x, t), kw = self.cfg_batch(cond, (x, t))
         x = self.pipe.scheduler.scale_model_input(x, t)
         out = self.pipe.unet(x, t, encoder_hidden_states=kw["encoder_hidden_states"],
                              added_cond_kwargs={"text_embeds": kw["text_embeds"], "time_ids": kw["time_ids"]},

@@ -20,7 +20,6 @@ CFG uses the empty prompt: ``v = v_u + w (v_c - v_u)``, one batched forward of `
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
@@ -176,7 +175,6 @@ class ShapesAdapter(Adapter):
 
     def __init__(self, pipe: ShapesPipeline) -> None:
         super().__init__(pipe)
-        self._sigmas: dict[int, Tensor] = {}
 
     @classmethod
     def default_weights(cls) -> str:
@@ -206,13 +204,7 @@ class ShapesAdapter(Adapter):
 
     def sigmas(self, num_steps: int) -> Tensor:
         """The scheduler's (shifted) sigmas for ``num_steps`` plus the terminal 0: ``num_steps + 1`` values."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if num_steps not in self._sigmas:
-            scheduler = copy.deepcopy(self.pipe.scheduler)
-            scheduler.set_timesteps(num_steps, device="cpu")
-            self._sigmas[num_steps] = scheduler.sigmas.detach().float().clone()
-        return self._sigmas[num_steps].clone()
+        return self.memo_sigmas(num_steps, lambda n: self.scheduler_sigmas(n).float())
 
     def predict(self, x: Tensor, sigma: Tensor | float, cond: Cond, guidance: float = 1.0) -> Tensor:
         """Velocity ``v = eps - x_0`` at ``sigma`` (scalar or ``[B]``); CFG ``u + w (c - u)`` if ``guidance > 1``."""
@@ -220,10 +212,7 @@ class ShapesAdapter(Adapter):
         kwargs = cond.kwargs
         cfg = guidance > 1.0
         if cfg:
-            if cond.uncond is None:
-                raise ValueError("guidance > 1 needs unconditional embeddings: encode(prompts, negative='')")
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            kwargs = {k: torch.cat([cond.uncond[k], v]) for k, v in kwargs.items()}
+            (x, t), kwargs = self.cfg_batch(cond, (x, t))
         out = self.pipe.transformer(hidden_states=x, timestep=t.to(x.dtype), return_dict=False, **kwargs)[0]
         if cfg:
             out = self.cfg_combine(*out.chunk(2), guidance)

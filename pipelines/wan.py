@@ -18,7 +18,6 @@ gets one timestep per latent token, as in the pipeline.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 
@@ -63,7 +62,6 @@ class WanAdapter(Adapter):
         self.height, self.width, self.num_frames = int(height), int(width), int(num_frames)
         self.max_sequence_length = max_sequence_length
         self.guidance_2 = guidance_2
-        self._sigmas: dict[int, Tensor] = {}
 
     @property
     def denoiser(self) -> nn.Module:
@@ -93,13 +91,7 @@ class WanAdapter(Adapter):
 
     def sigmas(self, num_steps: int) -> Tensor:
         """The scheduler's shifted sigmas for ``num_steps`` plus the terminal 0."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if num_steps not in self._sigmas:
-            scheduler = copy.deepcopy(self.pipe.scheduler)
-            scheduler.set_timesteps(num_steps, device="cpu")
-            self._sigmas[num_steps] = scheduler.sigmas.detach().clone()
-        return self._sigmas[num_steps].clone()
+        return self.memo_sigmas(num_steps, self.scheduler_sigmas)
 
     def predict(self, x: Tensor, sigma: Tensor | float, cond: Cond, guidance: float = 5.0) -> Tensor:
         """Velocity ``[B, C, T, H, W]``; CFG ``u + w (c - u)`` when ``guidance > 1`` (the pipeline's rule)."""
@@ -113,10 +105,7 @@ class WanAdapter(Adapter):
         kwargs = cond.kwargs
         cfg = guidance > 1.0
         if cfg:
-            if cond.uncond is None:
-                raise ValueError("guidance > 1 needs unconditional embeddings: encode(prompts, negative='')")
-            x_in, t = torch.cat([x_in, x_in]), torch.cat([t, t])
-            kwargs = {k: torch.cat([v, cond.uncond[k]]) for k, v in kwargs.items()}
+            (x_in, t), kwargs = self.cfg_batch(cond, (x_in, t), negative_first=False)
         out = model(hidden_states=x_in, timestep=t, return_dict=False, **kwargs)[0]
         if cfg:
             positive, negative = out.chunk(2)

@@ -17,13 +17,11 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from diffusers import ZImagePipeline
-from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
-from diffusers.pipelines.z_image.pipeline_z_image import retrieve_timesteps
+from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from torch import Tensor, nn
 
 from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
@@ -54,7 +52,6 @@ class ZImageAdapter(Adapter):
         self.max_sequence_length = int(max_sequence_length)
         self.cfg_normalization = float(cfg_normalization)
         self.cfg_truncation = float(cfg_truncation)
-        self._sigmas: dict[int, Tensor] = {}
 
     # -- contract ---------------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], negative: Sequence[str] | str | None = None) -> Cond:
@@ -83,18 +80,10 @@ class ZImageAdapter(Adapter):
 
     def sigmas(self, num_steps: int) -> Tensor:
         """The pipeline's ``linspace(1, 1/N, N)`` through the scheduler's shift, plus the terminal 0."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if num_steps not in self._sigmas:
-            scheduler = copy.deepcopy(self.pipe.scheduler)
-            cfg = scheduler.config
-            f = self.pipe.vae_scale_factor * 2
-            mu = calculate_shift((self.height // f) * (self.width // f), cfg.get("base_image_seq_len", 256),
-                                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                                 cfg.get("max_shift", 1.15))
-            retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=get_default_z_image_sigmas(num_steps), mu=mu)
-            self._sigmas[num_steps] = scheduler.sigmas.detach().clone()
-        return self._sigmas[num_steps].clone()
+        f = self.pipe.vae_scale_factor * 2
+        mu = self.resolution_shift((self.height // f) * (self.width // f))
+        return self.memo_sigmas(num_steps, lambda n: self.scheduler_sigmas(n, sigmas=get_default_z_image_sigmas(n),
+                                                                            mu=mu))
 
     @staticmethod
     def _unpad(kw: dict[str, Tensor]) -> list[Tensor]:
