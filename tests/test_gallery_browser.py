@@ -26,22 +26,7 @@ except ImportError:  # pragma: no cover
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-def _require_browser():
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("playwright is missing in CI: install the dev extras (pip install -e '.[dev]')")
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing in CI: `make sysdeps` installs Debian's chromium")
-        pytest.skip("chromium is not installed (make sysdeps)")
+from tests.browser import CHROMIUM, FLAGS, require_browser  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +46,7 @@ def galleries(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    _require_browser()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -165,28 +165,13 @@ def test_real_server_and_cli_status_export(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ browser
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-def _require_browser():
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("playwright is missing in CI: install the dev extras (pip install -e '.[dev]')")
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing in CI: `make sysdeps` installs Debian's chromium")
-        pytest.skip("chromium is not installed (make sysdeps)")
+from tests.browser import CHROMIUM, FLAGS, require_browser  # noqa: E402
 
 
 @pytest.mark.slow
 def test_browser_keyboard_buttons_and_undo(tmp_path):
     """A person in headless Chromium: keyboard and buttons through five pairs, skip then undo; checks the JSONL."""
-    _require_browser()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     make_queue(tmp_path / "q", 5)
