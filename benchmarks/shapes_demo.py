@@ -45,9 +45,12 @@ def main(argv=None) -> int:
     print(format_table(rows))
     gains = {split: per["aligned"]["strict"]["mean"] - per["base"]["strict"]["mean"]
              for split, per in summary["accuracy"].items()}
-    print("strict gain (points):", {k: round(100 * v, 1) for k, v in gains.items()}, f"wall {wall / 60:.1f} min")
+    print("strict gain (points):", {k: round(100 * v, 1) for k, v in gains.items()},
+          "paired bootstrap p:", summary["strict_gain_p"], f"wall {wall / 60:.1f} min,",
+          f"{summary['train_images_per_s']} training images/s")
     write_json("shapes_demo", {"machine": machine(), "wall_minutes": wall / 60, "summary": summary,
-                               "strict_gain": gains, "table": rows, "curve": curve})
+                               "strict_gain": gains, "strict_gain_p": summary["strict_gain_p"],
+                               "train_images_per_s": summary["train_images_per_s"], "table": rows, "curve": curve})
     return 0
 
 

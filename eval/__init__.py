@@ -12,12 +12,12 @@ bootstrap CIs, win rates, verifier accuracy and the reward-hacking report; ``bui
 from flowalign.eval.generate import (EvalResult, evaluate, generate_images, initial_noise, load_prompts, parse_seeds,
                                      run_eval)
 from flowalign.eval.models import Variant, apply_lora, load_adapter, variants_from_args
-from flowalign.eval.metrics import (CI, bootstrap_ci, diversity, pairwise_diversity, reward_hacking, summarize,
+from flowalign.eval.metrics import (CI, bootstrap_ci, bootstrap_p_gain, diversity, pairwise_diversity, reward_hacking, summarize,
                                     verifier_accuracy, win_rate)
 from flowalign.eval.trainer_eval import trainer_eval
 
 __all__ = [
-    "CI", "EvalResult", "Variant", "apply_lora", "bootstrap_ci", "build_gallery", "diversity", "evaluate",
+    "CI", "EvalResult", "Variant", "apply_lora", "bootstrap_p_gain", "bootstrap_ci", "build_gallery", "diversity", "evaluate",
     "generate_images", "initial_noise", "load_adapter", "load_prompts", "pairwise_diversity", "parse_seeds",
     "reward_hacking", "run_eval", "summarize", "trainer_eval", "variants_from_args", "verifier_accuracy",
     "win_rate",

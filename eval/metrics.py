@@ -43,20 +43,10 @@ class CI:
         return f"{self.mean:.4g} [{self.lo:.4g}, {self.hi:.4g}]"
 
 
-def bootstrap_ci(values: Sequence[float] | np.ndarray, groups: Sequence | None = None, *, confidence: float = 0.95,
-                 n_resamples: int = 10_000, seed: int = 0) -> CI:
-    """Mean of ``values`` with a percentile-bootstrap CI.
-
-    Each of ``n_resamples`` resamples draws ``G`` units with replacement (units = values, or the distinct
-    ``groups`` labels when given, whose values all come along); its mean is ``sum / count`` of the drawn units.
-    The CI is the ``(1 - confidence)/2`` and ``(1 + confidence)/2`` quantiles of those means. With a single
-    group the values themselves are resampled. Deterministic for a given ``seed``.
-    """
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    if x.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+def _bootstrap_means(x: np.ndarray, groups: Sequence | None, n_resamples: int, seed: int) -> np.ndarray:
+    """Means of ``n_resamples`` bootstrap resamples of ``x``: each draws ``G`` units with replacement (units =
+    values, or the distinct ``groups`` labels when given, whose values all come along) and its mean is
+    ``sum / count`` of the drawn units. With a single group the values themselves are resampled."""
     if not isinstance(n_resamples, int) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
     inv = None
@@ -76,9 +66,34 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, groups: Sequence | None =
     for i in range(0, n_resamples, step):
         idx = rng.integers(0, g, size=(min(step, n_resamples - i), g))
         means[i:i + idx.shape[0]] = sums[idx].sum(1) / counts[idx].sum(1)
+    return means
+
+
+def _as_values(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError(f"{what} needs at least one value")
+    return x
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, groups: Sequence | None = None, *, confidence: float = 0.95,
+                 n_resamples: int = 10_000, seed: int = 0) -> CI:
+    """Mean of ``values`` with a percentile-bootstrap CI: the ``(1 - confidence)/2`` and ``(1 + confidence)/2``
+    quantiles of the resampled means (clustered by ``groups`` when given). Deterministic for a given ``seed``."""
+    x = _as_values(values, "bootstrap_ci")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    lo, hi = np.quantile(_bootstrap_means(x, groups, n_resamples, seed), [alpha, 1 - alpha])
     return CI(float(x.mean()), float(lo), float(hi), int(x.size))
+
+
+def bootstrap_p_gain(gains: Sequence[float] | np.ndarray, groups: Sequence | None = None, *,
+                     n_resamples: int = 20_000, seed: int = 0) -> float:
+    """One-sided bootstrap p-value of "mean gain <= 0": the share of resampled means (clustered by ``groups``,
+    e.g. prompts) at or below zero (Efron & Tibshirani 1993, section 16.4). Paired gains come from ``paired``."""
+    x = _as_values(gains, "bootstrap_p_gain")
+    return float((_bootstrap_means(x, groups, n_resamples, seed) <= 0).mean())
 
 
 def win_indicators(values: Sequence[float], base: Sequence[float], tie: float = 0.5, tol: float = 0.0) -> np.ndarray:

@@ -11,7 +11,9 @@ Layout of ``<dir>/checkpoint-<iteration:08d>/``::
 
 Only the main process writes the shared files (they are identical on every rank: gradients are all-reduced
 before the step); each rank writes its own RNG file. ``find_latest`` ignores incomplete temp dirs, so a run
-killed mid-save resumes from the previous checkpoint.
+killed mid-save resumes from the previous checkpoint. Checkpoints are deleted (keep-last-N, or replaced by a
+re-save of the same iteration) by renaming them to ``.trash-*`` first, so a kill mid-delete never leaves a
+half-deleted directory that still looks complete.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "checkpoint-"
+TRASH = ".trash-"  # checkpoints being deleted are first renamed to this prefix (never listed)
 _PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -92,6 +95,8 @@ def save(root: str | os.PathLike, iteration: int, *, weights: dict[str, torch.Te
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in root.glob(f"{TRASH}*"):  # what a crash mid-delete left behind
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         if ema is not None:
@@ -105,14 +110,28 @@ def save(root: str | os.PathLike, iteration: int, *, weights: dict[str, torch.Te
     if is_main:
         # state.json last: its presence marks a complete checkpoint
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
-        if final.exists():
-            shutil.rmtree(final)
+        # an existing checkpoint of this iteration (a resume from an older one) is renamed away before it is
+        # deleted: a crash mid-delete must not leave a half-deleted dir that still looks complete
+        old = _trash(final) if final.exists() else None
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         if keep_last > 0:
-            for old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            # the oldest beyond N; never the one just written (a resume from an older checkpoint in a dir that
+            # still holds higher iteration numbers)
+            for stale in list_checkpoints(root)[:-keep_last]:
+                if stale != final:
+                    shutil.rmtree(_trash(stale), ignore_errors=True)
     barrier()
     return final
+
+
+def _trash(path: Path) -> Path:
+    """Rename ``path`` (atomically) out of the checkpoint namespace; returns the new name, to be deleted."""
+    trash = path.with_name(f"{TRASH}{path.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    return trash
 
 
 def load(path: str | os.PathLike, rank: int = 0) -> dict[str, Any]:

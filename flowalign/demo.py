@@ -3,8 +3,9 @@
 1. train ``recipes/shapes_flow_grpo.yaml`` (the one trainer; a tqdm bar throughout),
 2. evaluate the base model and the aligned checkpoint with the same seeds (shared initial noise) on the RL
    prompts and on held-out prompts (unseen combinations) with the shapes verifier (``flowalign.eval``),
-3. print a before/after table (strict and partial accuracy with bootstrap 95% CIs, mean reward), and write an
-   HTML gallery plus a PNG grid (``outputs/demo/``).
+3. print a before/after table (strict and partial accuracy with bootstrap 95% CIs, mean reward, and the
+   one-sided p-value of the strict-accuracy gain from a paired, prompt-clustered bootstrap), and write an HTML
+   gallery plus a PNG grid (``outputs/demo/``).
 
 Everything reuses the library: the trainer, ``flowalign.eval.run_eval`` / ``verifier_accuracy`` /
 ``build_gallery``; this module only wires them together for the README's first command.
@@ -40,14 +41,28 @@ def _accuracy(rows: list[dict], reward: str) -> dict[str, dict]:
     return verifier_accuracy(rows, reward, n_resamples=2000)
 
 
-def before_after_table(results: dict[str, dict[str, dict]]) -> str:
-    """Markdown table: split x variant -> strict / partial accuracy (95% CI) and mean reward (strict + partial)."""
-    lines = ["| prompts | model | strict accuracy | partial accuracy | mean reward |", "|---|---|---|---|---|"]
+def strict_gain_p(rows: list[dict], reward: str, variant: str = "aligned", base: str = "base") -> float:
+    """One-sided p-value of "no strict-accuracy gain": the same (prompt, seed) share initial noise, so the per-image
+    gains are paired; the bootstrap resamples prompts (``flowalign.eval.bootstrap_p_gain``)."""
+    from flowalign.eval import bootstrap_p_gain
+    from flowalign.eval.metrics import paired
+
+    v, b, prompts = paired(rows, reward, variant, base)
+    tol = 1e-6  # as verifier_accuracy: strict = every check passed
+    return bootstrap_p_gain((v >= 1 - tol).astype(float) - (b >= 1 - tol).astype(float), prompts)
+
+
+def before_after_table(results: dict[str, dict[str, dict]], p_values: dict[str, float] | None = None) -> str:
+    """Markdown table: split x variant -> strict / partial accuracy (95% CI), mean reward (strict + partial) and,
+    for the aligned rows, the p-value of the strict gain over the base."""
+    p_values = p_values or {}
+    lines = ["| prompts | model | strict accuracy | partial accuracy | mean reward | gain p |", "|---|---|---|---|---|---|"]
     for split, per_variant in results.items():
         for variant, acc in per_variant.items():
             s, p = acc["strict"], acc["partial"]
+            sig = f"{p_values[split]:.4f}" if variant != "base" and split in p_values else ""
             lines.append(f"| {split} | {variant} | {s['mean']:.1%} [{s['lo']:.1%}, {s['hi']:.1%}] | "
-                         f"{p['mean']:.1%} [{p['lo']:.1%}, {p['hi']:.1%}] | {s['mean'] + p['mean']:.3f} |")
+                         f"{p['mean']:.1%} [{p['lo']:.1%}, {p['hi']:.1%}] | {s['mean'] + p['mean']:.3f} | {sig} |")
     return "\n".join(lines)
 
 
@@ -100,12 +115,13 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 
     print("[2/3] Evaluating base vs aligned with shared seeds (ODE sampler)", flush=True)
     splits = {"RL prompts": load_prompts(cfg.sample.prompts)[0], "held-out": load_prompts(cfg.eval.prompts)[0]}
-    results, grids = {}, {}
+    results, grids, p_values = {}, {}, {}
     for split, prompts in splits.items():
         res = run_eval(variants, prompts, args.seeds, verifier, num_steps=cfg.sample.num_steps,
                        guidance=cfg.sample.guidance, out_dir=out / split.replace(" ", "_").replace("-", "_"),
                        batch_size=64)
         results[split] = _accuracy(res.rows, VERIFIER)
+        p_values[split] = strict_gain_p(res.rows, VERIFIER)
         grids[split] = res
     held = grids["held-out"]
     first = {}
@@ -117,10 +133,14 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 
     print("[3/3] Gallery and summary", flush=True)
     gallery = build_gallery(out / "held_out", logs=[Path(cfg.output_dir) / "metrics.jsonl"])
-    table = before_after_table(results)
+    table = before_after_table(results, p_values)
+    logs = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    samples = max((r.get("samples", 0) for r in logs), default=0)  # cumulative training samples
     summary = {"recipe": args.recipe, "train_minutes": round(train_minutes, 2),
                "total_minutes": round((time.time() - t0) / 60, 2), "checkpoint": str(ckpts[-1]),
-               "accuracy": results}
+               "train_samples": samples, "train_images_per_s": round(samples / max(train_minutes * 60, 1e-9), 2),
+               "accuracy": results, "strict_gain_p": p_values}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(table + "\n")
     print("\n" + table + "\n")

@@ -50,7 +50,13 @@ class Registry(Generic[T]):
         self.kind = kind
         self.entry_point_group = entry_point_group
         self._items: dict[str, T] = {}
+        self._unavailable: dict[str, str] = {}
         self._entry_points_loaded = False
+
+    def mark_unavailable(self, name: str, reason: str) -> None:
+        """Record that ``name`` exists but cannot load here (an optional dependency is missing): ``get`` then
+        raises ``reason`` instead of "unknown name"."""
+        self._unavailable[name] = reason
 
     def register(self, name: str | None = None, *, overwrite: bool = False) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -92,6 +98,8 @@ class Registry(Generic[T]):
             return self._items[name]
         if ":" in name:
             return import_string(name)
+        if name in self._unavailable:
+            raise ValueError(f"{self.kind} {name!r} is not available here: {self._unavailable[name]}")
         close = difflib.get_close_matches(name, self.names(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(

@@ -10,9 +10,21 @@ present). ``tiny`` builds offline test instances of each family.
 
 from __future__ import annotations
 
-from flowalign.pipelines import flux, sd3, sd15, wan  # noqa: F401  (registers the adapters)
-from flowalign.pipelines import flux2, hunyuan_video, qwenimage, sdxl, zimage  # noqa: F401
+import importlib
+
+from flowalign.pipelines import flux, hunyuan_video, qwenimage, sd3, sd15, sdxl, wan  # noqa: F401  (registers them)
 from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
+
+# Families whose pipeline class only newer diffusers releases ship (FLUX.2 and Z-Image arrived in 0.36): an older
+# diffusers still imports the package, and asking for the family says what is missing instead of failing here.
+for _family in ("flux2", "zimage"):
+    try:
+        importlib.import_module(f"flowalign.pipelines.{_family}")
+    except (ImportError, RuntimeError) as _err:  # diffusers wraps a failed lazy import in RuntimeError
+        import diffusers
+
+        ADAPTERS.mark_unavailable(_family, f"it needs a diffusers release with its pipeline class (installed "
+                                           f"diffusers {diffusers.__version__}: {_err}); pip install -U diffusers")
 
 try:  # the shapes world is optional (written separately)
     from flowalign.pipelines import shapes  # noqa: F401

@@ -6,10 +6,9 @@ the dev extras must have installed them.
 
 from __future__ import annotations
 
-import os
 import shutil
 
-import pytest
+from tests.deps import missing, require_module
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -18,13 +17,6 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 
 def require_browser() -> None:
     """Skip (fail in CI) unless playwright and a chromium binary are installed."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("playwright is missing in CI: install the dev extras (pip install -e '.[dev]')")
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    require_module("playwright", "pip install -e '.[dev]'")
     if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing in CI: `make sysdeps` installs Debian's chromium")
-        pytest.skip("chromium is not installed (make sysdeps)")
+        missing("chromium", "`make sysdeps` installs Debian's chromium")

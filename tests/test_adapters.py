@@ -8,6 +8,8 @@ CFG on). Ratio == 1: recomputing stored SDE log-probs with unchanged weights and
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -296,3 +298,14 @@ def test_wan22_layouts_match_pipeline(adapters, layout):
         single = sample(adapters["wan"], PROMPTS[:2], num_steps=6, kernel="ode", noise_level=0.0,
                         plan=make_plan("all", 6, fraction=1.0), guidance=5.0, generator=_gen(0), decode=False)
         assert (single.latents[:, -1] - traj.latents[:, -1]).abs().max().item() > 1e-2
+
+
+def test_family_missing_from_installed_diffusers_is_reported_not_fatal():
+    """An older diffusers without ZImagePipeline still imports flowalign.pipelines; asking for the family says why."""
+    code = ("import sys; sys.modules['diffusers.pipelines.z_image'] = None\n"
+            "import flowalign.pipelines as P\n"
+            "assert 'sd3' in P.ADAPTERS and 'zimage' not in P.ADAPTERS\n"
+            "try:\n    P.get_adapter('zimage')\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "adapter 'zimage' is not available here" in out.stdout and "pip install -U diffusers" in out.stdout

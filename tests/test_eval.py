@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flowalign.eval import (bootstrap_ci, evaluate, generate_images, initial_noise, pairwise_diversity, parse_seeds,
-                            reward_hacking, run_eval, summarize, verifier_accuracy, win_rate)
+from flowalign.eval import (bootstrap_ci, bootstrap_p_gain, evaluate, generate_images, initial_noise,
+                            pairwise_diversity, parse_seeds, reward_hacking, run_eval, summarize, verifier_accuracy,
+                            win_rate)
 from flowalign.eval.cli import eval_main, gallery_main
 from flowalign.eval.gallery import build_gallery
 from flowalign.eval.media import load_png, read_jsonl, video_info
@@ -362,12 +363,25 @@ def test_bootstrap_ci_hand_computed():
         bootstrap_ci([])
 
 
+def test_bootstrap_p_gain_hand_computed():
+    # gains {1, -1}: means of 2 draws are 1, 0, -1 with p 1/4, 1/2, 1/4 -> P(mean <= 0) = 3/4
+    assert bootstrap_p_gain([1.0, -1.0]) == pytest.approx(0.75, abs=0.01)
+    # clustered {a: [1, 1], b: [-3]}: 2 prompts drawn -> aa: 1 (1/4), ab: -1/3 (1/2), bb: -3 (1/4) -> 3/4;
+    # unclustered, 3 draws of {1, 1, -3} are <= 0 unless no -3 is drawn: 1 - (2/3)^3 = 19/27
+    assert bootstrap_p_gain([1, 1, -3], groups=["a", "a", "b"]) == pytest.approx(0.75, abs=0.01)
+    assert bootstrap_p_gain([1, 1, -3]) == pytest.approx(19 / 27, abs=0.01)
+    assert bootstrap_p_gain(np.ones(10)) == 0.0 and bootstrap_p_gain(-np.ones(10)) == 1.0
+    with pytest.raises(ValueError):
+        bootstrap_p_gain([])
+
+
 def test_win_rate_hand_computed():
     # pairs: 3>1 win, 2=2 tie, 1<3 loss, 5>4 win -> (2 + 0.5) / 4
     wr = win_rate([3, 2, 1, 5], [1, 2, 3, 4], n_resamples=20_000)
     assert wr.mean == 0.625
-    # indicators {1, .5, 0, 1}: resampled means lie in [0, 1]; P(mean of 4 draws == 1) = (1/2)^4 = .0625 > .025
-    assert wr.hi == 1.0 and 0 <= wr.lo < 0.625
+    # indicators {1, .5, 0, 1}: P(mean of 4 draws == 1) = (1/2)^4 = .0625 > .025, so hi = 1; in halves each draw
+    # adds 2, 1, 0 with p .5, .25, .25: P(sum <= 1) = .0195 < .025 < P(sum <= 2) = .0742, so lo = 2/8
+    assert wr.hi == 1.0 and wr.lo == 0.25
     assert win_rate([1, 1], [0, 0]).as_dict() == {"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 2}
     assert win_rate([1.0, 2.0], [1.05, 2.0], tol=0.1).mean == 0.5
     with pytest.raises(ValueError):

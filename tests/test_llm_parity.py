@@ -16,8 +16,10 @@ import torch
 from flowalign.llm.losses import policy_loss
 from flowalign.llm.model import build_random_model
 from flowalign.llm.rollout import token_logps
+from tests.deps import require_module
 
-trl = pytest.importorskip("trl")
+require_module("trl", "pip install -e '.[dev]' (TRL is a dev/bench extra)", module_level=True)
+import trl  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL passes the deprecated gradient_checkpointing
 
 B, P, C, G = 8, 7, 6, 4

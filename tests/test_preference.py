@@ -593,3 +593,26 @@ def test_sd15_diffusion_dpo_recipe_runs_one_step(tmp_path):
     assert rec["num_updates"] == 1 and math.isfinite(rec["loss"]) and 0 <= rec["dpo_accuracy"] <= 1
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.ref_weights))
+
+
+@pytest.mark.parametrize("method", ["d3po", "prdp"])
+def test_online_preference_methods_on_an_epsilon_model(method, tmp_path):
+    """D3PO and PRDP on tiny SD1.5 with the DDIM-eta kernel (eps prediction): at the first update the policy is the
+    reference (|log ratio| ~ 0: the stored DDIM transition densities are recomputed exactly), the update moves only
+    LoRA weights, and the frozen reference (adapters off) is unchanged."""
+    from flowalign.trainer import Trainer
+
+    train = {"beta": 0.1 if method == "d3po" else 1.0, "updates_per_iteration": 1,
+             "method_options": {"ratio_clip": 0.1 if method == "d3po" else 0.01}}
+    cfg = _tiny_cfg(method, "sd15", tmp_path, train=train,
+                    sample={"group_size": 4, "prompts_per_round": 2, "num_steps": 3, "same_noise": True,
+                            "batch_size": 8})
+    assert (cfg.sample.kernel, cfg.model.adapter) == ("ddim", "sd15")
+    trainer = Trainer(cfg)
+    base = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+    rec = trainer.step()
+    assert rec["num_updates"] == 1 and math.isfinite(rec["loss"]) and rec["pairs"] > 0
+    assert rec["log_ratio_abs"] <= 1e-6
+    after = dict(trainer.module.named_parameters())
+    moved = [n for n in base if not torch.equal(base[n], after[n].detach())]
+    assert moved and all("lora_" in n for n in moved)

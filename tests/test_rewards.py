@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 import flowalign.rewards as R
 from flowalign.rewards import REWARDS, Compose, get_reward, tiny
 from flowalign.rewards.base import Reward
+from tests.deps import require_executable
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
@@ -185,8 +186,8 @@ def test_simple_differentiable_gradcheck(name):
 
 @pytest.mark.parametrize("spec", ["ocr", "jpeg_compressibility", "jpeg_incompressibility"])
 def test_non_differentiable_refuse_requires_grad(spec):
-    if spec == "ocr" and shutil.which("tesseract") is None:
-        pytest.skip("tesseract-ocr not installed (make sysdeps)")
+    if spec == "ocr":
+        require_executable("tesseract", "make sysdeps (Debian tesseract-ocr)")
     r = get_reward(spec)
     assert not r.differentiable
     with pytest.raises(ValueError, match="not differentiable.*requires_grad"):
@@ -229,11 +230,8 @@ def render(text: str, size=(512, 256), bg=(255, 255, 255), fg=(0, 0, 0), font_si
     return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
 
 
-needs_tesseract = pytest.mark.skipif(shutil.which("tesseract") is None, reason="tesseract-ocr not installed")
-
-
-@needs_tesseract
 def test_ocr_reads_rendered_prompt_text():
+    require_executable("tesseract", "make sysdeps (Debian tesseract-ocr)")
     r = get_reward("ocr")
     texts = ["Hello World", "flow align", "OPEN SESAME", "Grumpy Cat 42"]
     x = torch.stack([render(t) for t in texts] + [render("Hello World", bg=(20, 20, 60), fg=(250, 250, 250))])

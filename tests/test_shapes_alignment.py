@@ -12,26 +12,11 @@ import pytest
 
 from flowalign.checkpoint import list_checkpoints
 from flowalign.config import load_config, load_prompts
-from flowalign.eval import Variant, run_eval
+from flowalign.eval import Variant, bootstrap_p_gain, run_eval
 from flowalign.rewards import get_reward
 from flowalign.trainer import train
 
 pytestmark = pytest.mark.slow
-
-
-def paired_bootstrap_p(gain_per_prompt: np.ndarray, n_resamples: int = 20_000, seed: int = 0) -> float:
-    """One-sided bootstrap p-value of mean gain <= 0, resampling prompts (Efron & Tibshirani 1993, §16.4)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(gain_per_prompt), size=(n_resamples, len(gain_per_prompt)))
-    means = gain_per_prompt[idx].mean(axis=1)
-    return float((means <= 0).mean())
-
-
-def test_paired_bootstrap_p_matches_simple_cases():
-    assert paired_bootstrap_p(np.ones(10)) == 0.0
-    assert paired_bootstrap_p(-np.ones(10)) == 1.0
-    p = paired_bootstrap_p(np.array([1.0, -1.0] * 20))
-    assert 0.4 < p < 0.65  # symmetric around zero (ties at 0 count as "not better")
 
 
 def test_short_flow_grpo_run_raises_heldout_strict_accuracy(tmp_path):
@@ -50,7 +35,7 @@ def test_short_flow_grpo_run_raises_heldout_strict_accuracy(tmp_path):
     base = np.array([np.mean([acc["base", p, s] for s in range(4)]) for p in prompts])
     aligned = np.array([np.mean([acc["aligned", p, s] for s in range(4)]) for p in prompts])
     gain = aligned - base
-    p = paired_bootstrap_p(gain)
+    p = bootstrap_p_gain(gain)
     print(f"held-out strict: base {base.mean():.3f} -> aligned {aligned.mean():.3f}, p = {p:.4f}")
     assert gain.mean() > 0.05
     assert p < 0.01

@@ -303,3 +303,79 @@ def test_flow_grpo_learns_redness_on_tiny_sd3(tmp_path):
     early = sum(h["reward_mean"] for h in hist[:3]) / 3
     late = sum(h["reward_mean"] for h in hist[-3:]) / 3
     assert late > early + 0.01
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill_is_bitwise(tmp_path):
+    """A run checkpointing every iteration is SIGKILLed once checkpoint 2 is complete (mid-iteration 3, or later),
+    ``--resume latest`` finishes it to 4 iterations: weights, EMA, optimizer, scheduler and RNG states are
+    bitwise those of a straight 4-iteration run, every logged iteration matches, and keep_last=2 leaves 3 and 4."""
+    import signal
+    import time
+
+    import numpy as np
+
+    from flowalign import checkpoint as ckpt
+
+    recipe = tmp_path / "r.yaml"
+    cfg = tiny_cfg(tmp_path, "ema.interval=1", "sample.num_steps=3", "sample.schedule=window",
+                   "sample.schedule_options={size: 2}", "log.sample_images_every=0")
+    recipe.write_text(cfg.to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [str(recipe), "max_iterations=4", "checkpoint.every=1", "checkpoint.keep_last=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _cli([*common, f"output_dir={straight}"], env)
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["checkpoint-00000003",
+                                                                            "checkpoint-00000004"]
+
+    # the final name appears only by the atomic rename, after every file (state.json last) is written
+    marker = killed / "checkpoints" / "checkpoint-00000002"
+    proc = subprocess.Popen([PY, "-m", "flowalign.cli", "train", *common, f"output_dir={killed}"], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not marker.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-3000:]!r}"
+        assert marker.is_dir(), "checkpoint 2 never appeared"
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
+    latest = ckpt.find_latest(killed / "checkpoints")
+    at_kill = json.loads((latest / "state.json").read_text())["iteration"]
+    assert at_kill in (2, 3)  # the kill can land after checkpoint 3 too; checkpoint 4 would mean it finished
+    assert not (killed / "checkpoints" / "checkpoint-00000004").exists()
+    logged_before = len((killed / "metrics.jsonl").read_text().splitlines())
+
+    _cli([*common, f"output_dir={killed}", "--resume", "latest"], env)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["checkpoint-00000003",
+                                                                          "checkpoint-00000004"]
+    a, b = straight / "checkpoints" / "checkpoint-00000004", killed / "checkpoints" / "checkpoint-00000004"
+    for name in ("weights.safetensors", "ema.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    oa, ob = torch.load(a / "optimizer.pt"), torch.load(b / "optimizer.pt")
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for k in oa["state"]:
+        for s in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(oa["state"][k][s], ob["state"][k][s])
+    assert torch.load(a / "scheduler.pt") == torch.load(b / "scheduler.pt")
+    ra, rb = torch.load(a / "rng_0.pt", weights_only=False), torch.load(b / "rng_0.pt", weights_only=False)
+    assert torch.equal(ra["torch"], rb["torch"]) and ra["python"] == rb["python"]
+    assert len(ra["numpy"]) == len(rb["numpy"]) and all(np.array_equal(x, y) for x, y in zip(ra["numpy"], rb["numpy"]))
+    sa, sb = json.loads((a / "state.json").read_text()), json.loads((b / "state.json").read_text())
+    assert (sa["iteration"], sa["global_step"], sa["samples"], sa["method"]) == \
+           (sb["iteration"], sb["global_step"], sb["samples"], sb["method"])
+    # every logged iteration (the killed process's, possibly one past its last checkpoint, and the resumed
+    # one's) equals the straight run's record of that iteration
+    keys = ("reward_mean", "loss", "grad_norm", "approx_kl", "global_step")
+    ref = {r["iteration"]: r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())}
+    lines = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines[logged_before:]] == list(range(at_kill + 1, 5))
+    assert {r["iteration"] for r in lines} == {1, 2, 3, 4}
+    for r in lines:
+        assert {k: r[k] for k in keys} == {k: ref[r["iteration"]][k] for k in keys}, r["iteration"]
