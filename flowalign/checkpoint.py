@@ -151,3 +151,28 @@ def load(path: str | os.PathLike, rank: int = 0) -> dict[str, Any]:
     if rng.is_file():
         out["rng"] = torch.load(rng, weights_only=False)  # numpy state holds a dtype object; our own file
     return out
+
+
+def truncate_log(path: str | os.PathLike, iteration: int) -> int:
+    """Drop the JSONL records of iterations after ``iteration`` (a run killed after its last checkpoint logged
+    them; the resumed run logs them again) and a torn last line; returns how many records were dropped. The file
+    is rewritten through a temp file and ``os.replace``, so a crash here leaves the old or the new log."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("iteration"), int) and rec["iteration"] > iteration:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped

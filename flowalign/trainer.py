@@ -11,7 +11,16 @@ step, EMA step. Then JSONL logs (+ accelerate trackers), sample images, eval, ch
 Distributed: launch with ``accelerate launch`` (or ``torchrun``). Gradients are summed explicitly instead of
 wrapping the denoiser in DDP: the adapter calls its own module (no forward through a wrapper), and the method's
 loss is already normalised by the global row count, so the update is the same for any process count
-(tested: 1 vs 2 processes <= 1e-5). FSDP/DeepSpeed sharding is not wired yet (a clear error says so).
+(tested: 1 vs 2 processes <= 1e-5, through torchrun and through ``accelerate launch``).
+
+FSDP (``accelerate launch --use_fsdp``, any ``fsdp_version``; GPU or CPU/gloo): the trainable module is sharded in
+place with FSDP2 ``fully_shard`` (each block named by ``FSDP_TRANSFORMER_CLS_TO_WRAP`` / the model's
+``_no_split_modules``, then the root), so the adapter still calls its own module. FSDP reduce-scatters the
+gradients as a SUM (divide factor 1, sum-only collectives: our loss is globally normalised) and ``_sum_grads`` is
+skipped. Every rank must run the same forwards/backwards in the same order, so micro-batch lists are padded to the
+longest rank with zero-weighted repeats, and eval runs with the weights gathered (ranks evaluate different prompt
+counts). Checkpoints hold full tensors in the same files as a single process: a run can be resumed at any process
+count, sharded or not. DeepSpeed needs CUDA and is refused with a clear error.
 
 The reference policy for KL terms is the same network with the LoRA adapters disabled (flow_grpo
 ``disable_adapter()``); for full fine-tuning a frozen copy of the initial weights is swapped in.
@@ -132,6 +141,82 @@ def weights_swapped(params: list[nn.Parameter], frozen: list[torch.Tensor]) -> I
             p.data = d
 
 
+@contextlib.contextmanager
+@torch.no_grad()
+def weights_copied(params: list[nn.Parameter], frozen: list[torch.Tensor]) -> Iterator[None]:
+    """``weights_swapped`` for FSDP: sharded parameters must be written in place (FSDP all-gathers from their own
+    storage, a ``.data`` swap would go unseen); restored bit-exactly."""
+    live = [p.detach().clone() for p in params]
+    for p, f in zip(params, frozen):
+        p.copy_(f)
+    try:
+        yield
+    finally:
+        for p, d in zip(params, live):
+            p.copy_(d)
+
+
+# ----------------------------------------------------------------------------------------------- FSDP
+def fsdp_requested(accelerator) -> bool:
+    """Whether ``accelerate launch`` asked for FSDP. accelerate reports ``DistributedType.FSDP`` only on GPUs; on a
+    CPU (gloo) launch the request survives only in ``ACCELERATE_USE_FSDP``."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+
+
+def shard_module(module: nn.Module, device: torch.device, world_size: int,
+                 reshard_after_forward: bool = True) -> list[nn.Module]:
+    """FSDP2-shard ``module`` in place over ``world_size`` ranks on ``device``'s type (explicit: a CPU run on a
+    GPU host must not get a CUDA mesh): each block, then the root (the rest); returns the FSDP modules.
+
+    Blocks: the classes in ``FSDP_TRANSFORMER_CLS_TO_WRAP`` (``--fsdp_transformer_layer_cls_to_wrap``), else the
+    model's ``_no_split_modules`` (diffusers/transformers), else the children of every ``nn.ModuleList``.
+    Gradients are reduced as a plain SUM: the methods normalise the loss by the global row count.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or ",".join(getattr(module, "_no_split_modules", None)
+                                                                        or [])
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    if wanted:
+        blocks = [m for m in module.modules() if m is not module and type(m).__name__ in wanted]
+    else:
+        blocks = [c for m in module.modules() if isinstance(m, nn.ModuleList) for c in m.children()]
+    outer = [b for b in blocks if not any(a is not b and _contains(a, b) for a in blocks)]  # no nesting
+    for b in outer:
+        fully_shard(b, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    mods = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; factor 1 makes it a plain SUM
+    return mods
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a collective: every rank must call it, in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as the (possibly sharded) ``like``; every rank holds ``full``, so no communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
 # ----------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """Owns the model, optimizer, EMA, checkpoints and logs; delegates data and loss to a ``Method``.
@@ -154,9 +239,12 @@ class Trainer:
         if acc.num_processes != launched:
             raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate set up {acc.num_processes} "
                                "process(es); check the launcher / accelerate config")
-        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise NotImplementedError(f"{acc.distributed_type} sharding is not supported yet; launch plain "
-                                      "data-parallel (accelerate launch --multi_gpu / --cpu)")
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            raise NotImplementedError("DeepSpeed is not supported; shard with FSDP instead (accelerate launch "
+                                      "--use_fsdp) or launch plain data-parallel (accelerate launch --multi_gpu)")
+        self.fsdp = fsdp_requested(acc)
+        if self.fsdp and cfg.train.adam_8bit:
+            raise ValueError("train.adam_8bit does not work on FSDP-sharded parameters; set train.adam_8bit=false")
         if cfg.deterministic:  # before any kernel runs (cuBLAS reads its workspace config once)
             from flowalign.doctor import set_deterministic
 
@@ -169,6 +257,7 @@ class Trainer:
         if cfg.model.gradient_checkpointing and hasattr(self.module, "enable_gradient_checkpointing"):
             self.module.enable_gradient_checkpointing()
         self._setup_params()
+        self.fsdp_modules: list[nn.Module] = self._shard() if self.fsdp else []
 
         self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg, self.device)
         self.runtime = Runtime(device=self.device, rank=acc.process_index, world_size=acc.num_processes,
@@ -233,6 +322,18 @@ class Trainer:
         if lo.path:
             self._load_weights(lo.path)
 
+    def _shard(self) -> list[nn.Module]:
+        """FSDP: shard the trainable module; its parameters become new (DTensor) objects, so re-collect them."""
+        after = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()  # v1 names a sharding strategy
+        self._reshard_after_forward = after not in ("false", "shard_grad_op", "no_shard")
+        mods = shard_module(self.module, torch.device(self.device), self.accelerator.num_processes,
+                            reshard_after_forward=self._reshard_after_forward)
+        named = dict(self.module.named_parameters())
+        self.params = [named[n] for n in self.param_names]
+        if self.ref_weights is not None:
+            self.ref_weights = [shard_like(r, p).detach() for r, p in zip(self.ref_weights, self.params)]
+        return mods
+
     def _load_weights(self, path: str) -> None:
         from safetensors.torch import load_file
 
@@ -244,10 +345,11 @@ class Trainer:
             raise ValueError(f"{file} lacks {len(missing)} trainable parameters, e.g. {missing[:3]}")
         with torch.no_grad():
             for n, prm in zip(self.param_names, self.params):
-                prm.copy_(state[n])
+                prm.copy_(shard_like(state[n], prm))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in zip(self.param_names, self.params)}
+        """Trainable parameters by name, whole (under FSDP a collective: call it on every rank)."""
+        return {n: full_tensor(p.detach()) for n, p in zip(self.param_names, self.params)}
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
@@ -256,7 +358,7 @@ class Trainer:
             with lora_disabled(self.module, self._tuner_layers):
                 yield
         elif self.ref_weights is not None:
-            with weights_swapped(self.params, self.ref_weights):
+            with (weights_copied if self.fsdp else weights_swapped)(self.params, self.ref_weights):
                 yield
         else:
             raise RuntimeError("full fine-tuning keeps a reference copy only when train.beta > 0")
@@ -309,17 +411,22 @@ class Trainer:
         col: Collected = self.method.collect(self.state)
         t1 = time.perf_counter()
         self.module.train()
-        by_update: dict[int, list] = {}
+        by_update: dict[int, list[tuple[Any, float]]] = {}  # update -> (batch, loss scale)
         for b in col.batches:
-            by_update.setdefault(b.update, []).append(b)
+            by_update.setdefault(b.update, []).append((b, 1.0))
+        if self.fsdp:
+            self._pad_batches(by_update, col.num_updates)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}  # per key: a metric may come from some micro-batches only
         grad_norms, losses = [], []
         self.optimizer.zero_grad(set_to_none=True)
         for u in range(col.num_updates):
             loss_sum = 0.0
-            for b in by_update.get(u, []):
+            for b, scale in by_update.get(u, []):
                 loss, metrics = self.method.loss(b)
+                if scale != 1.0:  # FSDP padding: the collectives run, the gradient gets exact zeros
+                    acc.backward(loss * scale)
+                    continue
                 acc.backward(loss)
                 loss_sum += float(loss.detach())
                 for k, v in metrics.items():
@@ -328,10 +435,11 @@ class Trainer:
                     sums[k] = v if old is None else max(old, v) if k.endswith("_max") else min(old, v) \
                         if k.endswith("_min") else old + v
                     counts[k] = counts.get(k, 0) + 1
-            self._sum_grads()
+            if not self.fsdp:  # FSDP has already reduce-scattered (summed) them
+                self._sum_grads()
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
             norm = acc.clip_grad_norm_(self.params, max_norm)
-            grad_norms.append(float(norm))
+            grad_norms.append(float(full_tensor(norm)))
             losses.append(loss_sum)
             self.optimizer.step()
             self.lr_scheduler.step()
@@ -369,6 +477,36 @@ class Trainer:
         }
         self._log(record, col)
         return record
+
+    def _pad_batches(self, by_update: dict[int, list[tuple[Any, float]]], num_updates: int) -> None:
+        """FSDP: give every rank as many micro-batches per update as the busiest one (FSDP's all-gathers and
+        reduce-scatters are collectives, one per forward/backward of each shard), padding with zero-scaled repeats
+        of a local batch. The methods split rows by a global shuffle, so local counts differ."""
+        counts = torch.tensor([float(len(by_update.get(u, []))) for u in range(num_updates)], dtype=torch.float64)
+        most = self.all_reduce_max(counts.clone())
+        if not torch.equal(counts, most):
+            mine = [b for bs in by_update.values() for b, _ in bs]
+            if not mine:
+                raise RuntimeError(f"rank {self.accelerator.process_index} has no micro-batch this iteration but "
+                                   "others do; FSDP needs one on every rank (use more rows per process)")
+            for u in range(num_updates):
+                by_update.setdefault(u, []).extend((mine[0], 0.0) for _ in range(int(most[u] - counts[u])))
+
+    @contextlib.contextmanager
+    def _gathered(self) -> Iterator[None]:
+        """FSDP: whole weights on every rank, so forwards need no collectives (ranks may differ in count)."""
+        if not self.fsdp:
+            yield
+            return
+        for m in self.fsdp_modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in self.fsdp_modules:
+                m.reshard()
+                m.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
 
     def _log(self, record: dict, col: Collected) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -437,7 +575,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         use_ema = self.cfg.eval.use_ema and self.ema is not None
         self.module.eval()
-        with torch.no_grad(), (self.ema.swapped_in() if use_ema else contextlib.nullcontext()):
+        with torch.no_grad(), (self.ema.swapped_in() if use_ema else contextlib.nullcontext()), self._gathered():
             res = self.eval_fn(self)
         res = {"iteration": self.state.iteration, **res}
         if self.accelerator.is_main_process:
@@ -452,11 +590,14 @@ class Trainer:
         acc = self.accelerator
         state = {"iteration": self.state.iteration, "global_step": self.state.global_step,
                  "samples": self.state.samples, "elapsed_s": elapsed, "world_size": acc.num_processes,
+                 "fsdp": self.fsdp,
                  "method": self.method.state_dict(), "lora": self.lora, "config": self.cfg.to_dict()}
+        # whole tensors in the single-process layout (collectives under FSDP: every rank builds them)
+        ema = None if self.ema is None else {n: full_tensor(t)
+                                             for n, t in self.ema.state_dict(self.param_names).items()}
         return ckpt.save(
             self.ckpt_dir, self.state.iteration, weights=self.trainable_state_dict(),
-            optimizer=self.optimizer.state_dict(), scheduler=self.lr_scheduler.state_dict(), state=state,
-            ema=self.ema.state_dict(self.param_names) if self.ema is not None else None,
+            optimizer=self._optimizer_state(), scheduler=self.lr_scheduler.state_dict(), state=state, ema=ema,
             rank=acc.process_index, is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
             keep_last=self.cfg.checkpoint.keep_last)
 
@@ -464,18 +605,45 @@ class Trainer:
         data = ckpt.load(path, rank=self.accelerator.process_index)
         st = data["state"]
         self._load_weights(str(Path(path) / "weights.safetensors"))
-        self.optimizer.load_state_dict(data["optimizer"])
+        self.optimizer.load_state_dict(self._shard_optimizer_state(data["optimizer"]))
         if "scheduler" in data:
             self.lr_scheduler.load_state_dict(data["scheduler"])
         if self.ema is not None:
             if "ema" not in data:
                 raise ValueError(f"{path} has no EMA state but ema.enabled is true")
-            self.ema.load_state_dict(data["ema"], self.param_names)
+            self.ema.load_state_dict({n: shard_like(data["ema"][n], p) for n, p in zip(self.param_names, self.params)
+                                      if n in data["ema"]}, self.param_names)
         self.method.load_state_dict(st["method"])
         self.state = TrainState(iteration=st["iteration"], global_step=st["global_step"], samples=st["samples"])
         self._elapsed_before = float(st.get("elapsed_s", 0.0))
         if "rng" in data:
             ckpt.set_rng_state(data["rng"])
+        if self.accelerator.is_main_process:  # iterations logged after this checkpoint are about to run again
+            ckpt.truncate_log(self.jsonl, self.state.iteration)
+
+    def _opt_params(self) -> list[torch.Tensor]:
+        """The optimizer's parameters in ``state_dict`` index order."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _optimizer_state(self) -> dict:
+        """``optimizer.state_dict()`` with whole tensors (FSDP shards gathered, a collective)."""
+        sd = self.optimizer.state_dict()
+        if self.fsdp:
+            sd["state"] = {i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                           for i, st in sd["state"].items()}
+        return sd
+
+    def _shard_optimizer_state(self, sd: dict) -> dict:
+        """A whole-tensor optimizer state laid out like the (possibly sharded) parameters."""
+        if not self.fsdp:
+            return sd
+        params = self._opt_params()
+        state = {}
+        for i, st in sd["state"].items():
+            p = params[int(i)]
+            state[i] = {k: shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                        for k, v in st.items()}
+        return {**sd, "state": state}
 
 
 def _has_accelerator() -> bool:

@@ -8,6 +8,7 @@ and loadable; ``keep_last=N`` deletes only older complete checkpoints, never the
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -239,3 +240,13 @@ def test_trainer_crash_mid_save_resumes_from_previous_and_keep_last(tmp_path, mo
     assert [h["iteration"] for h in hist] == [4]
     assert names(root) == ["checkpoint-00000003", "checkpoint-00000004"]  # the stale temp dir is gone too
     assert ckpt.load(root / "checkpoint-00000004")["state"]["iteration"] == 4
+
+
+def test_truncate_log_drops_iterations_past_the_checkpoint(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    recs = [{"iteration": 1, "loss": 0.5}, {"iteration": 2, "loss": 0.4}, {"iteration": 2, "eval/reward": 1.0},
+            {"note": "no iteration"}, {"iteration": 3, "loss": 0.3}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"iteration": 4, "lo')  # torn by a kill
+    assert ckpt.truncate_log(log, 2) == 2
+    assert [json.loads(x) for x in log.read_text().splitlines()] == recs[:4]
+    assert ckpt.truncate_log(log, 2) == 0 and ckpt.truncate_log(tmp_path / "missing.jsonl", 0) == 0
