@@ -12,6 +12,10 @@ per-phase breakdown. Loss equality is covered by ``tests/test_llm_parity.py`` (l
 1e-5 on the same batch); here we also log the reward curve of both runs.
 
     OMP_NUM_THREADS=1 python benchmarks/llm_vs_trl.py --rounds 3 --steps 20 [--with-trl-default-gc]
+    python benchmarks/llm_vs_trl.py --recompute      # re-derive the summary from the runs stored in the JSON
+
+Medians are true medians (``benchmarks/common.median``: the mean of the two middle values for an even count);
+speedups are the median over rounds of the per-round ratio (``common.paired_ratio``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, paired_ratio  # noqa: E402
 
 PROMPTS_PER_STEP, G, MAX_NEW, LR, SEED = 16, 8, 8, 1e-3, 0
 RESULTS = Path(__file__).resolve().parent / "results" / "llm_vs_trl.json"
@@ -138,6 +145,43 @@ def worker_trl(warmup: int, steps: int, gradient_checkpointing: bool = False) ->
             "rewards": [l["reward"] for l in meas], "phases_s_per_step": ph}
 
 
+def summarize(runs: list[dict], rounds: int) -> dict:
+    """Medians per implementation, mean phase breakdowns and paired (per-round) speedups of flowalign vs TRL."""
+    impls = sorted({x["impl"] for x in runs})
+
+    def med(impl, key):
+        return median([x[key] for x in runs if x["impl"] == impl])
+
+    def phase_means(impl):
+        mine = [x["phases_s_per_step"] for x in runs if x["impl"] == impl]
+        return {k: sum(p[k] for p in mine) / len(mine) for k in mine[0]}
+
+    summary = {impl: {"steps_per_s_median": med(impl, "steps_per_s"),
+                      "completion_tokens_per_s_median": med(impl, "completion_tokens_per_s"),
+                      "phases_s_per_step_mean": phase_means(impl)}
+               for impl in impls}
+
+    def paired(key, base):  # median of per-round ratios (both ran back to back under the same load)
+        ours, theirs = [], []
+        for r in range(rounds):
+            a = [x[key] for x in runs if x["impl"] == "flowalign" and x["round"] == r]
+            b = [x[key] for x in runs if x["impl"] == base and x["round"] == r]
+            if len(a) != 1 or len(b) != 1:
+                raise ValueError(f"round {r}: need one flowalign and one {base} run, got {len(a)} and {len(b)}")
+            ours.append(a[0])
+            theirs.append(b[0])
+        return paired_ratio(ours, theirs)
+
+    for impl in impls:
+        summary[impl]["steps_per_cpu_s_median"] = med(impl, "steps_per_cpu_s")
+    summary["speedup_steps_per_s_paired_median"] = paired("steps_per_s", "trl")
+    summary["speedup_tokens_per_s_paired_median"] = paired("completion_tokens_per_s", "trl")
+    summary["speedup_steps_per_cpu_s_paired_median"] = paired("steps_per_cpu_s", "trl")
+    if "trl_gc" in summary:
+        summary["speedup_vs_trl_default_gc_steps_per_s_paired_median"] = paired("steps_per_s", "trl_gc")
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", choices=["ours", "trl", "trl_gc"])
@@ -147,7 +191,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--recompute", action="store_true",
+                    help="rewrite the summary of --out from its stored per-round runs (no benchmark run)")
     args = ap.parse_args()
+    if args.recompute:
+        result = json.loads(Path(args.out).read_text())
+        result["summary"] = summarize(result["runs"], int(result["setup"]["rounds"]))
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["summary"], indent=1))
+        return
     if args.worker:
         import torch
 
@@ -178,35 +230,7 @@ def main() -> None:
                   f"{res['completion_tokens_per_s']:.0f} completion tok/s, reward {res['mean_reward']:.3f}",
                   flush=True)
 
-    def med(impl, key):
-        vals = sorted(x[key] for x in runs if x["impl"] == impl)
-        return vals[len(vals) // 2]
-
-    impls = sorted({x["impl"] for x in runs})
-
-    def phase_means(impl):
-        mine = [x["phases_s_per_step"] for x in runs if x["impl"] == impl]
-        return {k: sum(p[k] for p in mine) / len(mine) for k in mine[0]}
-
-    summary = {impl: {"steps_per_s_median": med(impl, "steps_per_s"),
-                      "completion_tokens_per_s_median": med(impl, "completion_tokens_per_s"),
-                      "phases_s_per_step_mean": phase_means(impl)}
-               for impl in impls}
-
-    def paired(key, base):  # median of per-round ratios (both ran back to back under the same load)
-        ratios = sorted(a[key] / b[key] for r in range(args.rounds)
-                        for a in runs if a["impl"] == "flowalign" and a["round"] == r
-                        for b in runs if b["impl"] == base and b["round"] == r)
-        return ratios[len(ratios) // 2]
-
-    for key in ("steps_per_cpu_s",):
-        for impl in impls:
-            summary[impl][key + "_median"] = med(impl, key)
-    summary["speedup_steps_per_s_paired_median"] = paired("steps_per_s", "trl")
-    summary["speedup_tokens_per_s_paired_median"] = paired("completion_tokens_per_s", "trl")
-    summary["speedup_steps_per_cpu_s_paired_median"] = paired("steps_per_cpu_s", "trl")
-    if "trl_gc" in summary:
-        summary["speedup_vs_trl_default_gc_steps_per_s_paired_median"] = paired("steps_per_s", "trl_gc")
+    summary = summarize(runs, args.rounds)
     import torch
     import transformers
     import trl

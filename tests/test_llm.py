@@ -55,7 +55,8 @@ def test_generate_groups_padding_and_logprob_consistency(embedded):
     assert (lp - ro.sampler_logps)[m].abs().max() < 1e-5
     assert (ent[m] > 0).all()
     lp3, _ = token_logps(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, micro_batch=2)
-    assert (lp3 - lp)[m].abs().max() < 1e-6
+    # micro-batches drop their own padding columns (other shapes than the full batch): float rounding only
+    assert (lp3 - lp)[m].abs().max() < 1e-5
     again = generate(model, tok, prompts, group_size=3, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.completion_ids, ro.completion_ids)  # seeded: reproducible
 

@@ -84,6 +84,30 @@ def test_nan_rewards_rejected(name):
         ADVANTAGES.get(name)(r, 2)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_gdpo_nan_rewards_rejected(bad):
+    r = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, bad], [1.0, 1.0]])  # row 2's second reward failed
+    with pytest.raises(ValueError, match="NaN/inf at rows \\[2\\]"):
+        ADVANTAGES.get("gdpo")(r, 2, weights=[1.0, 0.5])
+    with pytest.raises(ValueError, match="NaN/inf at rows \\[2\\]; map failed scores to a number"):
+        ADVANTAGES.get("gdpo")(r, 2)
+
+
+def test_median_mc_grpo_all_equal_group():
+    # two groups of G + 1 = 5: all-equal [2, 2, 2, 2, 2] and the mixed group of test_median_mc_grpo.
+    # All-equal: median 2, r - med = 0 everywhere, MAD = 0 -> A = 0 / (0 + 1e-3) = 0 (not 1/eps), any pivot.
+    r = torch.tensor([2.0, 2, 2, 2, 2, 0.0, 1.0, 1.0, 3.0, 0.5])
+    mixed = [-1.0 / (0.5 + 1e-3), 0.0, 0.0, 2.0 / (0.5 + 1e-3), -0.5 / (0.5 + 1e-3)]
+    a = ADVANTAGES.get("median")(r, 5)
+    assert torch.allclose(a, torch.tensor([0.0] * 5 + mixed), atol=1e-6)
+    assert ADVANTAGES.get("median")(r, 5, scale="none").tolist() == [0.0] * 5 + [-1.0, 0.0, 0.0, 2.0, -0.5]
+    piv = median_pivots(r, 5)
+    assert 0 <= int(piv[0]) < 5 and r[piv[0]] == 2.0 and int(piv[1]) in (6, 7)  # a median row of each group
+    keep = torch.tensor([i for i in range(10) if i not in piv.tolist()])
+    assert len(keep) == 8 and (a[keep[:4]] == 0).all()  # the trained G = 4 of the all-equal group: no signal
+    assert torch.equal(ADVANTAGES.get("median")(torch.ones(3), 3), torch.zeros(3))  # binary all-equal group
+
+
 def test_bad_group_size_rejected():
     with pytest.raises(ValueError, match="not a multiple of group_size=3"):
         ADVANTAGES.get("grpo")(R, 3)

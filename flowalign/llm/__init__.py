@@ -20,7 +20,7 @@ import importlib
 _EXPORTS = {
     "LLMConfig": "config", "load_config": ("config", "load"), "PRESETS": "config",
     "LLMTrainer": "trainer", "generate": "rollout", "token_logps": "rollout", "token_logps_grouped": "rollout",
-    "Rollout": "rollout", "policy_loss": "losses", "aggregate": "losses", "kl_estimate": "losses",
+    "Rollout": "rollout", "VLLMEngine": "rollout", "policy_loss": "losses", "aggregate": "losses", "kl_estimate": "losses",
     "ArithmeticTask": "task", "build_tokenizer": "task", "load_model": "model",
 }
 

@@ -55,6 +55,7 @@ class RolloutCfg:
     top_k: int = 0  # 0 = off
     stop_strings: list = field(default_factory=list)  # completion ends after any of these (kept)
     logprob_micro_batch: int = 256  # rows per no-grad log-prob forward (old/reference)
+    vllm_kwargs: dict = field(default_factory=dict)  # engine=vllm: extra vllm.LLM arguments (gpu_memory_utilization..)
 
 
 @dataclass

@@ -52,6 +52,21 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
                 f"embedded LLM weights missing in {path}; run `python scripts/pretrain_llm.py` to create them"
             )
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    _realign(model)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     tok.padding_side = "left"
     return model, tok
+
+
+@torch.no_grad()
+def _realign(model) -> None:
+    """Give every parameter its own freshly allocated (64-byte aligned) storage, tied parameters staying tied.
+
+    ``from_pretrained`` leaves tensors at their offsets in the safetensors file (not 64-byte aligned), and CPU
+    BLAS kernels take other code paths for unaligned operands: the same forward then differs in the last bits from
+    that of a copied model (``copy.deepcopy``, DDP-wrapped training processes). Aligned copies make the numbers
+    independent of how the weights were loaded, so one and several processes agree (tests/test_llm_multiprocess.py).
+    """
+    for p in model.parameters():  # deduplicated: a tied weight is one Parameter, cloned once
+        p.data = p.data.clone(memory_format=torch.contiguous_format)
+

@@ -15,8 +15,19 @@ One step (``LLMTrainer.train_step``):
    mini-batch. Speed, with the same loss and gradients: each prompt runs once per group in the training forward
    (prefix sharing), and groups whose advantages are all 0 are not run at all when no KL/entropy term needs them.
 
-Several processes (``accelerate launch`` / ``torchrun``): each samples its own prompts; group statistics are
-local, batch statistics (batch std, GDPO, REINFORCE++ whitening) and the token/sequence normalisers are global.
+Several processes (``accelerate launch`` / ``torchrun``): ``rollout.prompts_per_step`` is per process; all
+processes draw from one shared prompt stream and process ``r`` takes the ``r``-th slice of each draw, and every
+prompt's G samples come from a generator seeded by the prompt's position in that stream. So ``P`` processes with
+``n`` prompts each sample exactly the rollouts of one process with ``P * n`` prompts. Group statistics are local
+(a group never straddles processes), batch statistics (batch std, GDPO, REINFORCE++ whitening, also over tokens
+with the KL in the reward) and the token/sequence normalisers are global, mini-batches are drawn from one global
+permutation of the groups (a process with no group in a mini-batch joins the gradient all-reduce with a zero
+backward), and DAPO refill rounds run in lockstep. ``tests/test_llm_multiprocess.py`` checks that two processes
+train to the weights of one process (1e-5).
+
+``rollout.engine=vllm`` (optional extra): rollouts from a ``rollout.VLLMEngine`` built on the model's checkpoint
+directory; the trainer loads the policy's new weights into it before the first generation after each optimizer
+step (and after ``resume``), so sampling stays on-policy.
 
 Logs are JSONL (``<output_dir>/metrics.jsonl``): reward per component, accuracy, response length, clip fractions,
 KL, entropy, timings per phase. Checkpoints hold the trainable weights (safetensors), optimizer, scheduler, RNG
@@ -39,11 +50,11 @@ import torch
 import yaml
 from torch import Tensor
 
-from flowalign.advantages import ADVANTAGES, median_pivots, whiten, zero_std_groups
+from flowalign.advantages import ADVANTAGES, median_pivots, zero_std_groups
 from flowalign.llm.config import LLMConfig
 from flowalign.llm.losses import kl_estimate, policy_loss, token_returns_with_kl
-from flowalign.llm.model import load_model
-from flowalign.llm.rollout import Rollout, concat, generate, token_logps, token_logps_grouped
+from flowalign.llm.model import WEIGHTS_DIR, load_model
+from flowalign.llm.rollout import Rollout, VLLMEngine, concat, generate, token_logps, token_logps_grouped
 from flowalign.llm.task import ArithmeticTask
 from flowalign.rewards.base import REWARDS, get_reward
 from flowalign.rewards.text import OverlongPenalty
@@ -54,11 +65,16 @@ class LLMTrainer:
 
     def __init__(self, cfg: LLMConfig, accelerator=None) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg = cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.acc = accelerator or Accelerator(cpu=cfg.train.device == "cpu")
+        # no buffer broadcast in DDP's forward (the only buffers are RoPE tables, equal everywhere): processes run
+        # different numbers of forwards per optimizer step (prefix sharing, uneven mini-batches), and a collective
+        # in every forward would then deadlock
+        self.acc = accelerator or Accelerator(cpu=cfg.train.device == "cpu", kwargs_handlers=[
+            DistributedDataParallelKwargs(broadcast_buffers=False)])
         torch.manual_seed(cfg.seed)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
         model, self.tok = load_model(cfg.model.path, dtype)
@@ -91,11 +107,18 @@ class LLMTrainer:
             self.weights.append(cfg.algo.overlong_penalty)
         task = ArithmeticTask(cfg.task.max_operand, cfg.task.heldout_fraction, cfg.task.seed)
         self.train_set, self.heldout = task.split("train"), task.split("heldout")
-        rank = self.acc.process_index
-        self.gen_prompts = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
-        self.gen_sample = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank + 7919)
-        self._perm, self._pos = torch.randperm(len(self.train_set), generator=self.gen_prompts), 0
+        # shared by all processes (same seeds): the prompt stream and the group shuffle; per-prompt sampling seeds
+        # come from the stream position (``_group_generators``)
+        self.gen_prompts = torch.Generator().manual_seed(cfg.seed * 1_000_003)
+        self.gen_sample = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919)
+        self._perm, self._pos, self._epoch = torch.randperm(len(self.train_set), generator=self.gen_prompts), 0, 0
         self.step = 0
+        self._weights_version, self._vllm_synced = 0, -1
+        self.vllm = None
+        if cfg.rollout.engine == "vllm":
+            path = WEIGHTS_DIR if cfg.model.path in (None, "embedded") else cfg.model.path
+            self.vllm = VLLMEngine(path, dtype=cfg.model.dtype, seed=cfg.seed + self.acc.process_index,
+                                   **cfg.rollout.vllm_kwargs)
         self.out = Path(cfg.output_dir)
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -106,21 +129,55 @@ class LLMTrainer:
     def policy(self):
         return self.acc.unwrap_model(self.model)
 
-    def _next_prompts(self, n: int):
-        out = []
+    def _draw(self, n: int) -> tuple[list, list[int]]:
+        """``n`` examples from the shared prompt stream and their stream positions (epoch * N + index)."""
+        out, ids = [], []
         while len(out) < n:
             if self._pos >= len(self._perm):
                 self._perm, self._pos = torch.randperm(len(self.train_set), generator=self.gen_prompts), 0
+                self._epoch += 1
             take = self._perm[self._pos:self._pos + n - len(out)]
+            ids += [self._epoch * len(self._perm) + self._pos + j for j in range(len(take))]
             self._pos += len(take)
             out += [self.train_set[int(i)] for i in take]
-        return out
+        return out, ids
 
-    def _sample(self, examples, group_size: int) -> tuple[Rollout, list[int]]:
+    def _next_prompts(self, n: int) -> tuple[list, list[int]]:
+        """This process's ``n`` prompts: the ``rank``-th slice of a draw of ``P * n`` (all processes draw alike)."""
+        P, r = self.acc.num_processes, self.acc.process_index
+        exs, ids = self._draw(P * n)
+        return exs[r * n:(r + 1) * n], ids[r * n:(r + 1) * n]
+
+    def _group_generators(self, ids: list[int]) -> list[torch.Generator]:
+        """One sampling generator per prompt, seeded by (seed, stream position): independent of batch layout."""
+        base = (self.cfg.seed * 1_000_003 + 7919) * 0x9E3779B97F4A7C15
+        return [torch.Generator().manual_seed((base + (k + 1) * 0xBF58476D1CE4E5B9) % 2**63) for k in ids]
+
+    def _generate(self, prompts: list[str], group_size: int, temperature: float, generator) -> Rollout:
         r = self.cfg.rollout
-        ro = generate(self.policy, self.tok, [e.prompt for e in examples], group_size, r.max_new_tokens,
-                      r.temperature, r.top_k, r.top_p, r.stop_strings, self.gen_sample, r.engine)
+        kw = {}
+        if self.vllm is not None:  # on-policy: the engine gets the weights of the latest optimizer step
+            if self._vllm_synced != self._weights_version:
+                self.vllm.sync_weights(self.policy)
+                self._vllm_synced = self._weights_version
+            kw["vllm_engine"] = self.vllm
+        return generate(self.policy, self.tok, prompts, group_size, r.max_new_tokens, temperature, r.top_k,
+                        r.top_p, r.stop_strings, generator, r.engine, **kw)
+
+    def _sample(self, examples, ids: list[int], group_size: int) -> tuple[Rollout, list[int]]:
+        ro = self._generate([e.prompt for e in examples], group_size, self.cfg.rollout.temperature,
+                            self._group_generators(ids))
         return ro, [e.answer for e in examples for _ in range(group_size)]
+
+    def _global_max(self, x: int) -> int:
+        if self.acc.num_processes == 1:
+            return x
+        return int(self.acc.gather(torch.tensor([x], device=self.acc.device)).max())
+
+    def _global_sum(self, x: Tensor) -> Tensor:
+        if self.acc.num_processes == 1:
+            return x
+        return self.acc.reduce(x.to(self.acc.device), reduction="sum").cpu()
 
     def score(self, ro: Rollout, answers: list[int]) -> Tensor:
         """Reward components ``[B, K]`` (K = rewards + overlong penalty when enabled); metadata carries
@@ -135,7 +192,7 @@ class LLMTrainer:
         cfg, a = self.cfg, self.cfg.algo
         G = cfg.rollout.group_size + (1 if a.median_pivot else 0)
         want = cfg.rollout.prompts_per_step
-        ro, answers = self._sample(self._next_prompts(want), G)
+        ro, answers = self._sample(*self._next_prompts(want), G)
         R = self.score(ro, answers)
         info = {"groups_sampled": want}
         if not a.dynamic_sampling:
@@ -143,8 +200,15 @@ class LLMTrainer:
         w = torch.tensor(self.weights)
         kept_ro, kept_R, n_kept = [], [], 0
         for rnd in range(a.max_refill_rounds + 1):
-            if rnd:
-                ro, answers = self._sample(self._next_prompts(want - n_kept), G)
+            if rnd:  # refill rounds run in lockstep over processes (same draws from the shared prompt stream)
+                need = want - n_kept
+                m = self._global_max(need)
+                if m == 0:
+                    break
+                exs, ids = self._next_prompts(m)
+                if need == 0:
+                    continue
+                ro, answers = self._sample(exs[:need], ids[:need], G)
                 R = self.score(ro, answers)
                 info["groups_sampled"] += len(ro) // G
             ok = ~zero_std_groups(R @ w, G)[::G] if G > 1 else torch.ones(len(ro) // G, dtype=torch.bool)
@@ -153,8 +217,6 @@ class LLMTrainer:
                 kept_ro.append(ro.index(rows.to(ro.completion_ids.device)))
                 kept_R.append(R[rows])
                 n_kept += int(ok.sum())
-            if n_kept >= want:
-                break
         info["groups_kept"] = n_kept
         if not kept_ro:
             return ro.index(torch.zeros(0, dtype=torch.long)), R[:0], info
@@ -175,7 +237,7 @@ class LLMTrainer:
 
     def _skip_zero_adv(self) -> bool:
         a = self.cfg.algo
-        # single process only: under DDP every rank must run the same number of backward passes
+        # single process only (a rank whose groups are all skipped would need a zero backward: not worth it)
         return (self.cfg.train.skip_zero_advantage and (a.beta == 0 or a.kl_in_reward) and not a.entropy_coef
                 and self.acc.num_processes == 1)
 
@@ -191,6 +253,9 @@ class LLMTrainer:
         """Old-policy and reference log-probs in one micro-batched no-grad pass over the rollout."""
         if not (old or ref):
             return None, None
+        if len(ro) == 0:
+            e = ro.completion_ids.new_zeros(ro.completion_ids.shape, dtype=torch.float32)
+            return (e if old else None), (e if ref else None)
         rows = torch.arange(len(ro), device=ro.completion_ids.device)
         olds, refs = [], []
         G = ro.group_size
@@ -246,12 +311,26 @@ class LLMTrainer:
             mask = ro.completion_mask.cpu()
             base = ADVANTAGES.get("no_std")(total, group_size)
             tok = token_returns_with_kl(base, kl.cpu(), mask, a.beta)
-            return torch.where(mask.bool(), whiten(tok, mask), torch.zeros_like(tok))
+            return torch.where(mask.bool(), self._whiten_tokens(tok, mask), torch.zeros_like(tok))
         if a.kl_in_reward and kl is not None:  # RLOO: sequence reward r - beta * sum_t KL_t
             total = total - a.beta * (kl.cpu() * ro.completion_mask.cpu()).sum(1)
         if a.advantage == "reinforce_pp" and "weights" not in kw and ro is not None:
             kw["weights"] = ro.lengths.cpu().float()  # token-weighted whitening, as verl
         return ADVANTAGES.get(a.advantage)(total, group_size, **kw)
+
+    def _whiten_tokens(self, x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+        """``flowalign.advantages.whiten(x, mask)`` over the tokens of all processes.
+
+        Statistics in float64, so that one process and several (partial sums added in another order) give the same
+        float32 advantages.
+        """
+        w, xd = mask.double(), x.double()
+        n, sx = self._global_sum(torch.stack([w.sum(), (xd * w).sum()]))
+        mean = sx / n
+        var = self._global_sum(((xd - mean) ** 2 * w).sum()[None])[0] / n
+        if n > 1:
+            var = var * n / (n - 1)
+        return ((xd - mean) * torch.rsqrt(var + eps)).to(x.dtype)
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
@@ -268,7 +347,8 @@ class LLMTrainer:
             metrics[f"reward/{n}"] = float(R[:, j].mean()) if len(R) else float("nan")
         metrics["response_length"] = float(ro.lengths.float().mean()) if len(ro) else 0.0
         metrics["truncated_frac"] = float(ro.truncated.float().mean()) if len(ro) else 0.0
-        if len(ro) == 0:  # dynamic sampling found no informative group: no update this step
+        rows_all = int(self._global_sum(torch.tensor([float(len(ro))]))[0])
+        if rows_all == 0:  # dynamic sampling found no informative group (on any process): no update this step
             self.step += 1
             metrics["skipped"] = 1
             self._log(metrics)
@@ -277,6 +357,9 @@ class LLMTrainer:
         need_old = a.num_iterations > 1 or a.mini_batches > 1 or (a.kl_in_reward and a.beta > 0)
         old, ref = self._aux_logps(ro, old=need_old, ref=a.beta > 0)
         kl_r = kl_estimate(old, ref, a.kl_estimator) if (a.kl_in_reward and a.beta > 0) else None
+        if kl_r is not None:  # the per-token KL that goes into the reward (REINFORCE++ / RLOO)
+            m = ro.completion_mask.to(kl_r.dtype)
+            metrics["kl_in_reward"] = float((kl_r * m).sum() / m.sum().clamp(min=1))
         A = self.advantages(R, G, ro, kl_r)
         keep = torch.arange(len(ro))
         if a.median_pivot:
@@ -284,7 +367,7 @@ class LLMTrainer:
             keep = keep[~torch.isin(keep, piv)]
         dev = ro.completion_ids.device
         keep_d = keep.to(dev)
-        ro = dataclasses.replace(ro.index(keep_d), group_size=len(keep) // (len(R) // G))
+        ro = dataclasses.replace(ro.index(keep_d), group_size=G - 1 if a.median_pivot else G)
         A, old = A[keep].to(dev), (old[keep_d] if old is not None else None)
         ref = ref[keep_d] if ref is not None else None
         loss_mask = ro.completion_mask.clone()
@@ -297,6 +380,8 @@ class LLMTrainer:
         self.step += 1
         metrics.update(stats)
         n_tok = int(ro.completion_mask.sum())
+        if self.vllm is not None:
+            metrics["vllm_weight_syncs"] = self.vllm.syncs
         metrics.update({"adv_abs_mean": float(A.abs().mean()), "tokens": n_tok, "loss_tokens": int(loss_mask.sum()),
                         "time/generate": t_gen, "time/aux_logprobs": t_aux, "time/train": t_train,
                         "time/step": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0]})
@@ -311,14 +396,22 @@ class LLMTrainer:
         acc_stats: dict[str, list] = {}
         grad_norms, losses = [], []
         G = ro.group_size
-        skipped = 0
+        skipped, idle = 0, 0
         shuffle = a.num_iterations > 1 or a.mini_batches > 1
+        n_local = n // G
+        if P > 1:  # this process's groups are [offset, offset + n_local) of the global group list
+            per_rank = self.acc.gather(torch.tensor([n_local], device=self.acc.device)).cpu()
+            offset, n_glob = int(per_rank[:self.acc.process_index].sum()), int(per_rank.sum())
+        else:
+            offset, n_glob = 0, n_local
         for _ in range(a.num_iterations):
-            # shuffle whole groups (keeps prompt sharing possible); rows of a group stay together
-            groups = torch.randperm(n // G, generator=self.gen_sample) if shuffle else torch.arange(n // G)
+            # shuffle whole groups (keeps prompt sharing possible); rows of a group stay together. One global
+            # permutation (same generator state on every process), so mini-batches match a single process's
+            groups = torch.randperm(n_glob, generator=self.gen_sample) if shuffle else torch.arange(n_glob)
             for gchunk in groups.tensor_split(a.mini_batches):
                 if len(gchunk) == 0:
                     continue
+                gchunk = gchunk[(gchunk >= offset) & (gchunk < offset + n_local)] - offset
                 chunk = (gchunk[:, None] * G + torch.arange(G)[None]).flatten().to(loss_mask.device)
                 counts = torch.tensor([float(len(chunk)), float(loss_mask[chunk].sum())], device=self.acc.device)
                 if P > 1:  # step-level normalisers over all processes, divided by P because DDP averages grads
@@ -353,6 +446,9 @@ class LLMTrainer:
                     total += out.loss.item()
                     for key, v in out.metrics.items():
                         acc_stats.setdefault(key, []).append((v, len(mb)))
+                if P > 1 and not micro:  # no local rows in this mini-batch: still join the DDP gradient all-reduce
+                    self._zero_backward()
+                    idle += 1
                 for p in self.model.parameters():  # all groups skipped: zero grads keep AdamW's step identical
                     if p.requires_grad and p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -360,12 +456,19 @@ class LLMTrainer:
                     if cfg.optim.max_grad_norm else torch.tensor(float("nan"))
                 self.opt.step()
                 self.sched.step()
+                self._weights_version += 1
                 grad_norms.append(float(gn))
                 losses.append(total)
-        stats = {k: sum(v * m for v, m in vs) / sum(m for _, m in vs) for k, vs in acc_stats.items()}
+        stats = {k: sum(v * m for v, m in vs) / max(1, sum(m for _, m in vs)) for k, vs in acc_stats.items()}
         stats.update({"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
-                      "zero_adv_groups_skipped": skipped / max(1, a.num_iterations)})
+                      "zero_adv_groups_skipped": skipped / max(1, a.num_iterations), "idle_mini_batches": idle})
         return stats
+
+    def _zero_backward(self) -> None:
+        """A backward of ``0 * logits`` through the wrapped model (all parameters): DDP all-reduces as usual."""
+        ids = torch.tensor([[self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]],
+                           device=self.acc.device)
+        self.acc.backward(self.model(input_ids=ids).logits.float().sum() * 0.0)
 
     # ---------------------------------------------------------------- evaluation, logs, checkpoints
     @torch.no_grad()
@@ -374,9 +477,7 @@ class LLMTrainer:
         exs = (self.heldout if split == "heldout" else self.train_set)[: n or self.cfg.train.eval_prompts]
         T = self.cfg.train.eval_temperature if temperature is None else temperature
         g = torch.Generator().manual_seed(self.cfg.seed + 12345)
-        r = self.cfg.rollout
-        ro = generate(self.policy, self.tok, [e.prompt for e in exs], 1, r.max_new_tokens, T, r.top_k, r.top_p,
-                      r.stop_strings, g, r.engine)
+        ro = self._generate([e.prompt for e in exs], 1, T, g)
         answers = [e.answer for e in exs]
         out = {"split": split, "n": len(exs), "temperature": T}
         for name in ("arith_answer", "arith_format"):
@@ -441,7 +542,8 @@ class LLMTrainer:
         torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "step": self.step,
                     "rng_torch": torch.get_rng_state(), "gen_prompts": self.gen_prompts.get_state(),
                     "gen_sample": self.gen_sample.get_state(), "perm": self._perm, "pos": self._pos,
-                    "lora": self.lora}, tmp / "trainer_state.pt")
+                    "epoch": self._epoch, "lora": self.lora, "world_size": self.acc.num_processes},
+                   tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         if path.exists():
             shutil.rmtree(path)
@@ -466,6 +568,8 @@ class LLMTrainer:
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         self.step, self._perm, self._pos = int(st["step"]), st["perm"], int(st["pos"])
+        self._epoch = int(st.get("epoch", 0))
+        self._weights_version += 1  # new weights: a vLLM engine must reload them
         torch.set_rng_state(st["rng_torch"])
         self.gen_prompts.set_state(st["gen_prompts"])
         self.gen_sample.set_state(st["gen_sample"])
