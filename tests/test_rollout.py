@@ -137,7 +137,9 @@ def test_samples_do_not_depend_on_the_batch_size(same_noise):
     for bs in (2, 1, 4):
         split = sample(adapter, PROMPTS, generator=gen(6), batch_size=bs, **kw)
         assert torch.equal(split.latents, full.latents) and torch.equal(split.log_probs, full.log_probs)
-        assert torch.equal(split.images, full.images)
+        # decoded per chunk: the elementwise sigmoid may round the last bit differently in a vector tail (seen on
+        # AMD EPYC), so images agree to one float32 ulp of values in (0, 1)
+        torch.testing.assert_close(split.images, full.images, rtol=0, atol=2 ** -23)
     net = mlp()  # a real network: equal to fp32 rounding
     a = sample(net, PROMPTS, generator=gen(6), **kw)
     b = sample(net, PROMPTS, generator=gen(6), batch_size=2, **kw)
