@@ -153,10 +153,11 @@ def load(path: str | os.PathLike, rank: int = 0) -> dict[str, Any]:
     return out
 
 
-def truncate_log(path: str | os.PathLike, iteration: int) -> int:
-    """Drop the JSONL records of iterations after ``iteration`` (a run killed after its last checkpoint logged
-    them; the resumed run logs them again) and a torn last line; returns how many records were dropped. The file
-    is rewritten through a temp file and ``os.replace``, so a crash here leaves the old or the new log."""
+def truncate_log(path: str | os.PathLike, iteration: int, key: str = "iteration") -> int:
+    """Drop the JSONL records whose ``key`` (the iteration or step counter) is past ``iteration`` (a run killed
+    after its last checkpoint logged them; the resumed run logs them again) and a torn last line; returns how many
+    records were dropped. The file is rewritten through a temp file and ``os.replace``, so a crash here leaves the
+    old or the new log."""
     path = Path(path)
     if not path.is_file():
         return 0
@@ -167,7 +168,7 @@ def truncate_log(path: str | os.PathLike, iteration: int) -> int:
         except json.JSONDecodeError:
             dropped += 1
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("iteration"), int) and rec["iteration"] > iteration:
+        if isinstance(rec, dict) and isinstance(rec.get(key), int) and rec[key] > iteration:
             dropped += 1
         else:
             kept.append(line)

@@ -3,6 +3,8 @@ config validation, trainer mechanics (exact resume, LoRA reference, dynamic samp
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -124,11 +126,16 @@ def test_exact_resume(tmp_path):
     b = LLMTrainer(_cfg(tmp_path / "b", "algo.num_iterations=2", "algo.mini_batches=2"))
     b.train_step(), b.train_step()
     ck = b.save()
-    c = LLMTrainer(_cfg(tmp_path / "c", "algo.num_iterations=2", "algo.mini_batches=2"))
+    b.train_step()  # logged past the checkpoint, then "killed"
+    c = LLMTrainer(_cfg(tmp_path / "b", "algo.num_iterations=2", "algo.mini_batches=2"))
     c.resume(ck)
     c.train_step(), c.train_step()
     pa, pc = a.policy.state_dict(), c.policy.state_dict()
     assert c.step == 4 and all(torch.equal(pa[k], pc[k]) for k in pa)
+    # resuming dropped step 3 of the killed run: each step is logged once, with the straight run's values
+    logs = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"}
+    assert [r["step"] for r in logs["b"]] == [r["step"] for r in logs["a"]] == [1, 2, 3, 4]
+    assert [r["loss"] for r in logs["b"]] == [r["loss"] for r in logs["a"]]
     changed = LLMTrainer(_cfg(tmp_path / "d")).policy.state_dict()
     assert any(not torch.equal(pa[k], changed[k]) for k in pa)  # the 4 steps did change the weights
 

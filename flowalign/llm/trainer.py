@@ -570,6 +570,10 @@ class LLMTrainer:
         self.step, self._perm, self._pos = int(st["step"]), st["perm"], int(st["pos"])
         self._epoch = int(st.get("epoch", 0))
         self._weights_version += 1  # new weights: a vLLM engine must reload them
+        if self.acc.is_main_process:  # steps logged after this checkpoint are about to run again
+            from flowalign.checkpoint import truncate_log
+
+            truncate_log(self.out / "metrics.jsonl", self.step, key="step")
         torch.set_rng_state(st["rng_torch"])
         self.gen_prompts.set_state(st["gen_prompts"])
         self.gen_sample.set_state(st["gen_sample"])
