@@ -109,7 +109,7 @@ class PlainLoop:
         self.module.train()
         latents = torch.cat([tr.latents for tr in trajs])
         old = torch.cat([tr.log_probs for tr in trajs])
-        from flowalign.pipelines.base import Cond
+        from flowalign.adapter import Cond
 
         cond = Cond.cat([tr.cond for tr in trajs])
         sig = trajs[0].sigmas

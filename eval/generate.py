@@ -45,12 +45,8 @@ from flowalign.eval.models import Variant, adapter_fingerprint
 from flowalign.rollout import sample
 from flowalign.schedules import StepPlan
 
-try:
-    from flowalign.pipelines.base import Adapter
-    from flowalign.rewards.base import Reward, get_reward
-except ImportError:  # pragma: no cover - only when the package is not installed
-    from pipelines.base import Adapter
-    from rewards.base import Reward, get_reward
+from flowalign.adapter import Adapter
+from flowalign.rewards.base import Reward, get_reward
 
 ROW_FIELDS = ("prompt", "prompt_idx", "seed", "variant", "reward", "value", "image", "key")
 

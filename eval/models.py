@@ -27,10 +27,7 @@ from typing import Sequence
 
 import torch
 
-try:
-    from flowalign.pipelines.base import ADAPTERS, Adapter
-except ImportError:  # pragma: no cover - only when the package is not installed
-    from pipelines.base import ADAPTERS, Adapter
+from flowalign.adapter import ADAPTERS, Adapter
 
 _PREFIXES = ("base_model.model.", "transformer.", "unet.", "module.")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"

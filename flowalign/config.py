@@ -27,7 +27,7 @@ from typing import Any, Literal, Union
 import yaml
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:  # noqa: A002
+def help_field(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:  # noqa: A002
     """A dataclass field with a help string."""
     if factory is not None:
         return field(default_factory=factory, metadata={"help": help})
@@ -41,159 +41,159 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------- sections
 @dataclass
 class LoraSection:
-    enabled: bool = _f(True, "Train LoRA adapters (true) or fine-tune every weight of the denoiser (false).")
-    rank: int | None = _f(None, "LoRA rank r; null = the adapter's default (SD3/Wan 32, FLUX 64; flow_grpo).")
-    alpha: float | None = _f(None, "LoRA alpha; null = the adapter's default (2 * rank in flow_grpo).")
-    target_modules: list[str] | None = _f(None, "Module names LoRA wraps; null = the adapter's default targets.")
-    init: str = _f("gaussian", "peft init_lora_weights ('gaussian' as flow_grpo, 'default', 'pissa', ...).")
-    dropout: float = _f(0.0, "LoRA dropout probability.")
-    path: str | None = _f(None, "Start from these LoRA weights (a flowalign checkpoint dir or .safetensors file).")
+    enabled: bool = help_field(True, "Train LoRA adapters (true) or fine-tune every weight of the denoiser (false).")
+    rank: int | None = help_field(None, "LoRA rank r; null = the adapter's default (SD3/Wan 32, FLUX 64; flow_grpo).")
+    alpha: float | None = help_field(None, "LoRA alpha; null = the adapter's default (2 * rank in flow_grpo).")
+    target_modules: list[str] | None = help_field(None, "Module names LoRA wraps; null = the adapter's default targets.")
+    init: str = help_field("gaussian", "peft init_lora_weights ('gaussian' as flow_grpo, 'default', 'pissa', ...).")
+    dropout: float = help_field(0.0, "LoRA dropout probability.")
+    path: str | None = help_field(None, "Start from these LoRA weights (a flowalign checkpoint dir or .safetensors file).")
 
 
 @dataclass
 class ModelSection:
-    adapter: str = _f("sd3", "Adapter name registered in flowalign.pipelines ADAPTERS: sd3, flux, wan, sd15, "
+    adapter: str = help_field("sd3", "Adapter name registered in flowalign.pipelines ADAPTERS: sd3, flux, wan, sd15, "
                       "sdxl, flux2, qwenimage, zimage, hunyuan_video, shapes.")
-    path: str = _f("", "Pipeline path or hub id passed to the adapter's from_pretrained (local dirs only offline).")
-    dtype: Literal["float32", "float16", "bfloat16"] = _f(
+    path: str = help_field("", "Pipeline path or hub id passed to the adapter's from_pretrained (local dirs only offline).")
+    dtype: Literal["float32", "float16", "bfloat16"] = help_field(
         "float32", "dtype of the frozen pipeline weights; trainable parameters are always kept in float32.")
-    lora: LoraSection = _f(factory=LoraSection, help="LoRA settings.")
-    gradient_checkpointing: bool = _f(False, "Enable activation checkpointing on the denoiser (memory for time).")
-    kwargs: dict[str, Any] = _f(factory=dict, help="Extra keyword arguments for the adapter's from_pretrained.")
+    lora: LoraSection = help_field(factory=LoraSection, help="LoRA settings.")
+    gradient_checkpointing: bool = help_field(False, "Enable activation checkpointing on the denoiser (memory for time).")
+    kwargs: dict[str, Any] = help_field(factory=dict, help="Extra keyword arguments for the adapter's from_pretrained.")
 
 
 @dataclass
 class SampleSection:
-    prompts: list[str] | str = _f(factory=list, help=(
+    prompts: list[str] | str = help_field(factory=list, help=(
         "Training prompts: a list, or a path to a .txt (one per line) or .jsonl file "
         "({'prompt': ..., other keys become reward metadata})."))
-    prompts_per_round: int = _f(8, "Distinct prompts (groups) per iteration, over all processes (flow_grpo: 48).")
-    group_size: int = _f(8, "Samples per prompt G (flow_grpo num_image_per_prompt: 24 for SD3.5).")
-    num_steps: int = _f(10, "Denoising steps of a training rollout (flow_grpo: 10 for SD3.5, 6 for FLUX).")
-    kernel: str = _f("flow_sde", "Step kernel in flowalign.sde KERNELS: flow_sde, cps, dance, ddim, ode.")
-    noise_level: float = _f(0.7, "Kernel noise level a (flow_sde 0.7 SD3.5 / 0.9 FLUX; cps 0.8; dance eta 0.3).")
-    guidance: float = _f(4.5, "CFG scale while sampling (and training when train.train_cfg); 1.0 = no CFG.")
-    negative_prompt: str = _f("", "Negative prompt for CFG (flow_grpo: the empty string).")
-    schedule: str = _f("all", "Step schedule in flowalign.schedules: all, fraction, window (Fast), sliding (Mix).")
-    schedule_options: dict[str, Any] = _f(factory=lambda: {"fraction": 0.99}, help=(
+    prompts_per_round: int = help_field(8, "Distinct prompts (groups) per iteration, over all processes (flow_grpo: 48).")
+    group_size: int = help_field(8, "Samples per prompt G (flow_grpo num_image_per_prompt: 24 for SD3.5).")
+    num_steps: int = help_field(10, "Denoising steps of a training rollout (flow_grpo: 10 for SD3.5, 6 for FLUX).")
+    kernel: str = help_field("flow_sde", "Step kernel in flowalign.sde KERNELS: flow_sde, cps, dance, ddim, ode.")
+    noise_level: float = help_field(0.7, "Kernel noise level a (flow_sde 0.7 SD3.5 / 0.9 FLUX; cps 0.8; dance eta 0.3).")
+    guidance: float = help_field(4.5, "CFG scale while sampling (and training when train.train_cfg); 1.0 = no CFG.")
+    negative_prompt: str = help_field("", "Negative prompt for CFG (flow_grpo: the empty string).")
+    schedule: str = help_field("all", "Step schedule in flowalign.schedules: all, fraction, window (Fast), sliding (Mix).")
+    schedule_options: dict[str, Any] = help_field(factory=lambda: {"fraction": 0.99}, help=(
         "Options of the schedule, e.g. {fraction: 0.99} or {size: 3, lo: 0, hi: 5} for window."))
-    same_noise: bool = _f(False, "Share the initial noise x_T within a group (DanceGRPO); needs batch_size % G == 0.")
-    batch_size: int = _f(8, "Rows per sampling chunk on one process (the denoiser batch while sampling).")
-    reduction: Literal["mean", "sum"] = _f("mean", "Log-prob reduction over latent dims (mean = flow_grpo).")
-    density: Literal["gaussian", "unnormalized"] = _f("gaussian", "Log-prob form; 'unnormalized' = flow_grpo CPS.")
-    shuffle_prompts: bool = _f(True, "Visit prompts in a seeded random order per epoch (false: file order).")
+    same_noise: bool = help_field(False, "Share the initial noise x_T within a group (DanceGRPO); needs batch_size % G == 0.")
+    batch_size: int = help_field(8, "Rows per sampling chunk on one process (the denoiser batch while sampling).")
+    reduction: Literal["mean", "sum"] = help_field("mean", "Log-prob reduction over latent dims (mean = flow_grpo).")
+    density: Literal["gaussian", "unnormalized"] = help_field("gaussian", "Log-prob form; 'unnormalized' = flow_grpo CPS.")
+    shuffle_prompts: bool = help_field(True, "Visit prompts in a seeded random order per epoch (false: file order).")
 
 
 @dataclass
 class RewardSection:
-    weights: dict[str, float] = _f(factory=dict, help=(
+    weights: dict[str, float] = help_field(factory=dict, help=(
         "Reward name (REWARDS registry, 'module:attr' or 'remote:URL') -> weight; the total is the weighted sum."))
-    kwargs: dict[str, dict[str, Any]] = _f(factory=dict, help="Reward name -> constructor keyword arguments.")
-    device: str | None = _f(None, "Device of the reward models; null = the training device.")
-    background: bool = _f(True, "Score each sampled chunk in a background thread while the next chunk samples.")
+    kwargs: dict[str, dict[str, Any]] = help_field(factory=dict, help="Reward name -> constructor keyword arguments.")
+    device: str | None = help_field(None, "Device of the reward models; null = the training device.")
+    background: bool = help_field(True, "Score each sampled chunk in a background thread while the next chunk samples.")
 
 
 @dataclass
 class AdvantageSection:
-    estimator: str | None = _f(None, (
+    estimator: str | None = help_field(None, (
         "ADVANTAGES registry name (grpo, batch_std, no_std, rloo, median, gdpo, reinforce_pp or 'module:fn'); "
         "null = derived from std/baseline/per_reward."))
-    std: Literal["group", "global", "none"] = _f("group", (
+    std: Literal["group", "global", "none"] = help_field("group", (
         "Scale: per-group std, std of the whole round (flow_grpo global_std, SD3.5 configs) or none (Dr.GRPO)."))
-    baseline: Literal["mean", "median", "loo"] = _f("mean", "Group baseline: mean, median (MC-GRPO), loo (RLOO).")
-    per_reward: bool = _f(False, "Normalise each reward in its group, then weight and re-normalise (GDPO).")
-    eps: float = _f(1e-4, "Added to the std (flow_grpo 1e-4).")
-    drop_zero_std: bool = _f(True, "Skip groups whose rewards are all equal (zero advantage); logged as zero_std.")
-    kwargs: dict[str, Any] = _f(factory=dict, help="Extra keyword arguments for an explicitly named estimator.")
+    baseline: Literal["mean", "median", "loo"] = help_field("mean", "Group baseline: mean, median (MC-GRPO), loo (RLOO).")
+    per_reward: bool = help_field(False, "Normalise each reward in its group, then weight and re-normalise (GDPO).")
+    eps: float = help_field(1e-4, "Added to the std (flow_grpo 1e-4).")
+    drop_zero_std: bool = help_field(True, "Skip groups whose rewards are all equal (zero advantage); logged as zero_std.")
+    kwargs: dict[str, Any] = help_field(factory=dict, help="Extra keyword arguments for an explicitly named estimator.")
 
 
 @dataclass
 class TrainSection:
-    method: str = _f("flow_grpo", "Method in flowalign.methods METHODS.")
-    lr: float = _f(3e-4, "AdamW learning rate (flow_grpo base 3e-4).")
-    betas: list[float] = _f(factory=lambda: [0.9, 0.999], help="AdamW betas.")
-    weight_decay: float = _f(1e-4, "AdamW weight decay (flow_grpo 1e-4).")
-    adam_eps: float = _f(1e-8, "AdamW epsilon.")
-    adam_8bit: bool = _f(False, "Use bitsandbytes AdamW8bit (needs the bitsandbytes package).")
-    lr_scheduler: str = _f("constant", "diffusers.optimization scheduler: constant, constant_with_warmup, cosine...")
-    warmup_steps: int = _f(0, "Scheduler warm-up in optimizer steps.")
-    max_grad_norm: float | None = _f(1.0, "Clip the global grad norm to this; null = no clipping.")
-    updates_per_iteration: int = _f(2, "Optimizer steps per inner epoch (flow_grpo: 2 per epoch).")
-    num_inner_epochs: int = _f(1, "Passes over one iteration's samples (flow_grpo num_inner_epochs 1).")
-    batch_size: int | None = _f(None, "Rows per training micro-batch; null = sample.batch_size (ratio == 1 safest).")
-    shuffle: bool = _f(True, "Shuffle samples before splitting them into updates (seeded; flow_grpo does).")
-    clip_range: float = _f(1e-4, "PPO clip epsilon (flow_grpo 1e-4; tiny because log-probs are dim-means).")
-    clip_range_lt: float | None = _f(None, "Lower clip (ratio >= 1 - lt); null = clip_range.")
-    clip_range_gt: float | None = _f(None, "Upper clip (ratio <= 1 + gt); null = clip_range.")
-    adv_clip_max: float = _f(5.0, "Clip advantages to [-adv_clip_max, adv_clip_max] (flow_grpo 5).")
-    beta: float = _f(0.0, "KL-to-reference coefficient (flow_grpo 0.04 GenEval/OCR, 0.01 PickScore, 0 Fast/FLUX); "
+    method: str = help_field("flow_grpo", "Method in flowalign.methods METHODS.")
+    lr: float = help_field(3e-4, "AdamW learning rate (flow_grpo base 3e-4).")
+    betas: list[float] = help_field(factory=lambda: [0.9, 0.999], help="AdamW betas.")
+    weight_decay: float = help_field(1e-4, "AdamW weight decay (flow_grpo 1e-4).")
+    adam_eps: float = help_field(1e-8, "AdamW epsilon.")
+    adam_8bit: bool = help_field(False, "Use bitsandbytes AdamW8bit (needs the bitsandbytes package).")
+    lr_scheduler: str = help_field("constant", "diffusers.optimization scheduler: constant, constant_with_warmup, cosine...")
+    warmup_steps: int = help_field(0, "Scheduler warm-up in optimizer steps.")
+    max_grad_norm: float | None = help_field(1.0, "Clip the global grad norm to this; null = no clipping.")
+    updates_per_iteration: int = help_field(2, "Optimizer steps per inner epoch (flow_grpo: 2 per epoch).")
+    num_inner_epochs: int = help_field(1, "Passes over one iteration's samples (flow_grpo num_inner_epochs 1).")
+    batch_size: int | None = help_field(None, "Rows per training micro-batch; null = sample.batch_size (ratio == 1 safest).")
+    shuffle: bool = help_field(True, "Shuffle samples before splitting them into updates (seeded; flow_grpo does).")
+    clip_range: float = help_field(1e-4, "PPO clip epsilon (flow_grpo 1e-4; tiny because log-probs are dim-means).")
+    clip_range_lt: float | None = help_field(None, "Lower clip (ratio >= 1 - lt); null = clip_range.")
+    clip_range_gt: float | None = help_field(None, "Upper clip (ratio <= 1 + gt); null = clip_range.")
+    adv_clip_max: float = help_field(5.0, "Clip advantages to [-adv_clip_max, adv_clip_max] (flow_grpo 5).")
+    beta: float = help_field(0.0, "KL-to-reference coefficient (flow_grpo 0.04 GenEval/OCR, 0.01 PickScore, 0 Fast/FLUX); "
                           "the preference beta of d3po (0.1), dpo (epsilon 5000, flow 100) and prdp.")
-    kl: Literal["flow_grpo", "exact"] = _f("flow_grpo", (
+    kl: Literal["flow_grpo", "exact"] = help_field("flow_grpo", (
         "KL form: 'exact' = mean((mu-mu_ref)^2)/(2 std^2); 'flow_grpo' = that times |dt| (train_sd3.py)."))
-    train_cfg: bool = _f(True, "Train the CFG-combined policy (flow_grpo train.cfg); false = CFG-free policy.")
-    advantage: AdvantageSection = _f(factory=AdvantageSection, help="Advantage estimation.")
-    method_options: dict[str, Any] = _f(factory=dict, help="Method-specific options, validated by the method.")
+    train_cfg: bool = help_field(True, "Train the CFG-combined policy (flow_grpo train.cfg); false = CFG-free policy.")
+    advantage: AdvantageSection = help_field(factory=AdvantageSection, help="Advantage estimation.")
+    method_options: dict[str, Any] = help_field(factory=dict, help="Method-specific options, validated by the method.")
 
 
 @dataclass
 class EMASection:
-    enabled: bool = _f(True, "Keep an EMA of the trainable weights, used for eval and saved (flow_grpo: on).")
-    decay: float = _f(0.9, "Max EMA decay; effective min((1+n)/(10+n), decay) as flow_grpo.")
-    interval: int = _f(8, "Apply the EMA every N optimizer steps (flow_grpo 8).")
+    enabled: bool = help_field(True, "Keep an EMA of the trainable weights, used for eval and saved (flow_grpo: on).")
+    decay: float = help_field(0.9, "Max EMA decay; effective min((1+n)/(10+n), decay) as flow_grpo.")
+    interval: int = help_field(8, "Apply the EMA every N optimizer steps (flow_grpo 8).")
 
 
 @dataclass
 class EvalSection:
-    every: int = _f(0, "Evaluate every N iterations (0 = never); also after the last iteration when > 0.")
-    prompts: list[str] | str = _f(factory=list, help="Held-out prompts (list or .txt/.jsonl path).")
-    num_steps: int = _f(40, "Sampling steps (flow_grpo: 40 for SD3.5).")
-    guidance: float | None = _f(None, "CFG scale; null = sample.guidance.")
-    kernel: str = _f("ode", "Kernel; 'ode' = deterministic Euler (the sampler users deploy).")
-    noise_level: float = _f(0.0, "Kernel noise level (0 for ode).")
-    batch_size: int = _f(8, "Rows per eval chunk.")
-    seed: int = _f(0, "Seed of the eval noise (fixed, so evals are comparable across iterations).")
-    use_ema: bool = _f(True, "Evaluate the EMA weights when EMA is enabled.")
-    fn: str = _f("flowalign.eval:trainer_eval", "Eval function 'module:attr' taking the trainer, returning metrics "
+    every: int = help_field(0, "Evaluate every N iterations (0 = never); also after the last iteration when > 0.")
+    prompts: list[str] | str = help_field(factory=list, help="Held-out prompts (list or .txt/.jsonl path).")
+    num_steps: int = help_field(40, "Sampling steps (flow_grpo: 40 for SD3.5).")
+    guidance: float | None = help_field(None, "CFG scale; null = sample.guidance.")
+    kernel: str = help_field("ode", "Kernel; 'ode' = deterministic Euler (the sampler users deploy).")
+    noise_level: float = help_field(0.0, "Kernel noise level (0 for ode).")
+    batch_size: int = help_field(8, "Rows per eval chunk.")
+    seed: int = help_field(0, "Seed of the eval noise (fixed, so evals are comparable across iterations).")
+    use_ema: bool = help_field(True, "Evaluate the EMA weights when EMA is enabled.")
+    fn: str = help_field("flowalign.eval:trainer_eval", "Eval function 'module:attr' taking the trainer, returning metrics "
                  "(default: flowalign.eval, which also writes images + tidy rows under <output_dir>/eval/).")
 
 
 @dataclass
 class CheckpointSection:
-    every: int = _f(0, "Save every N iterations (0 = only at the end).")
-    keep_last: int = _f(2, "Keep the N newest checkpoints (0 = keep all).")
-    dir: str | None = _f(None, "Checkpoint directory; null = <output_dir>/checkpoints.")
-    save_final: bool = _f(True, "Save when the run ends (max_iterations or max_minutes).")
+    every: int = help_field(0, "Save every N iterations (0 = only at the end).")
+    keep_last: int = help_field(2, "Keep the N newest checkpoints (0 = keep all).")
+    dir: str | None = help_field(None, "Checkpoint directory; null = <output_dir>/checkpoints.")
+    save_final: bool = help_field(True, "Save when the run ends (max_iterations or max_minutes).")
 
 
 @dataclass
 class LogSection:
-    jsonl: str | None = _f(None, "Per-iteration JSONL metrics; null = <output_dir>/metrics.jsonl.")
-    trackers: list[str] = _f(factory=list, help="accelerate trackers: tensorboard, wandb, ... (optional packages).")
-    project: str = _f("flowalign", "Tracker project name.")
-    sample_images_every: int = _f(0, "Save a grid of the first sampled images every N iterations (0 = never).")
-    progress: bool = _f(True, "Show a tqdm bar on the main process.")
+    jsonl: str | None = help_field(None, "Per-iteration JSONL metrics; null = <output_dir>/metrics.jsonl.")
+    trackers: list[str] = help_field(factory=list, help="accelerate trackers: tensorboard, wandb, ... (optional packages).")
+    project: str = help_field("flowalign", "Tracker project name.")
+    sample_images_every: int = help_field(0, "Save a grid of the first sampled images every N iterations (0 = never).")
+    progress: bool = help_field(True, "Show a tqdm bar on the main process.")
 
 
 @dataclass
 class Config:
-    model: ModelSection = _f(factory=ModelSection, help="The pipeline and what is trained.")
-    sample: SampleSection = _f(factory=SampleSection, help="Rollouts.")
-    reward: RewardSection = _f(factory=RewardSection, help="Rewards.")
-    train: TrainSection = _f(factory=TrainSection, help="Optimisation and the method's loss.")
-    ema: EMASection = _f(factory=EMASection, help="EMA of the trainable weights.")
-    eval: EvalSection = _f(factory=EvalSection, help="Periodic evaluation.")
-    checkpoint: CheckpointSection = _f(factory=CheckpointSection, help="Checkpoints.")
-    log: LogSection = _f(factory=LogSection, help="Logging.")
-    seed: int = _f(0, "Seed of every random draw of the run (prompts, noise, windows, LoRA init).")
-    output_dir: str = _f("outputs/run", "Run directory (config.yaml, metrics.jsonl, checkpoints, samples).")
-    max_iterations: int = _f(100, "Stop after this many iterations (rollout round + updates).")
-    max_minutes: float | None = _f(None, "Also stop (and save) after this many minutes of wall time.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate mixed precision (autocast).")
-    cpu: bool = _f(False, "Force CPU even when an accelerator is present.")
-    deterministic: bool = _f(False, (
+    model: ModelSection = help_field(factory=ModelSection, help="The pipeline and what is trained.")
+    sample: SampleSection = help_field(factory=SampleSection, help="Rollouts.")
+    reward: RewardSection = help_field(factory=RewardSection, help="Rewards.")
+    train: TrainSection = help_field(factory=TrainSection, help="Optimisation and the method's loss.")
+    ema: EMASection = help_field(factory=EMASection, help="EMA of the trainable weights.")
+    eval: EvalSection = help_field(factory=EvalSection, help="Periodic evaluation.")
+    checkpoint: CheckpointSection = help_field(factory=CheckpointSection, help="Checkpoints.")
+    log: LogSection = help_field(factory=LogSection, help="Logging.")
+    seed: int = help_field(0, "Seed of every random draw of the run (prompts, noise, windows, LoRA init).")
+    output_dir: str = help_field("outputs/run", "Run directory (config.yaml, metrics.jsonl, checkpoints, samples).")
+    max_iterations: int = help_field(100, "Stop after this many iterations (rollout round + updates).")
+    max_minutes: float | None = help_field(None, "Also stop (and save) after this many minutes of wall time.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = help_field("no", "accelerate mixed precision (autocast).")
+    cpu: bool = help_field(False, "Force CPU even when an accelerator is present.")
+    deterministic: bool = help_field(False, (
         "Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no TF32, "
         "CUBLAS_WORKSPACE_CONFIG): rollout and training forwards agree bit-for-bit on GPU; slower."))
-    resume: str | None = _f(None, "'latest' or a checkpoint directory to continue from (bit-exact on CPU).")
+    resume: str | None = help_field(None, "'latest' or a checkpoint directory to continue from (bit-exact on CPU).")
 
     # --------------------------------------------------------------------------------------- helpers
     def to_dict(self) -> dict[str, Any]:
@@ -230,7 +230,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
+def convert(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (coercing int -> float only) or raise ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
@@ -241,12 +241,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping (section {tp.__name__}), got {type(value).__name__} "
                               f"{value!r}")
-        return _from_dict(tp, value, path)
+        return from_dict(tp, value, path)
     if origin in (Union, types.UnionType):
         errors = []
         for a in args:
             try:
-                return _convert(value, a, path)
+                return convert(value, a, path)
             except ConfigError as e:
                 errors.append(e)
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -286,15 +286,15 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        return [convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        return {_convert(k, args[0], f"{path} key"): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
+        return {convert(k, args[0], f"{path} key"): convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
     raise TypeError(f"unsupported annotation {tp!r} at {path}")  # pragma: no cover - schema bug
 
 
-def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kw = {}
@@ -304,7 +304,7 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {path!r}.{hint} Known keys here: {', '.join(names)}")
-        kw[key] = _convert(value, hints[key], path)
+        kw[key] = convert(value, hints[key], path)
     return cls(**kw)
 
 
@@ -360,7 +360,7 @@ def load_config(source: "str | os.PathLike | dict | None" = None, overrides: lis
             raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
     for key, value in parse_overrides(overrides):
         set_dotted(data, key, value)
-    cfg = _from_dict(Config, data)
+    cfg = from_dict(Config, data)
     return cfg.validate() if validate else cfg
 
 
@@ -538,7 +538,7 @@ def _check_adapter(name: str) -> None:
 
     if ":" in name:
         return
-    from flowalign.pipelines.base import ADAPTERS
+    from flowalign.adapter import ADAPTERS
 
     if name not in ADAPTERS:
         try:

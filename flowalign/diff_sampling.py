@@ -43,10 +43,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from flowalign import sde
 
-try:
-    from flowalign.pipelines.base import Adapter, Cond
-except ImportError:  # pragma: no cover - only when the package is not installed
-    from pipelines.base import Adapter, Cond
+from flowalign.adapter import Adapter, Cond
 
 
 # ----------------------------------------------------------------------------------------------- kernels

@@ -53,7 +53,7 @@ def build_adapter(cfg: Config, device: torch.device | str = "cpu"):
     """Load ``cfg.model.adapter`` from ``cfg.model.path`` through the adapter's ``from_pretrained``."""
     import importlib
 
-    from flowalign.pipelines.base import ADAPTERS
+    from flowalign.adapter import ADAPTERS
 
     name = cfg.model.adapter
     if name not in ADAPTERS and ":" not in name:

@@ -44,10 +44,7 @@ from flowalign import sde
 from flowalign.registry import check_choice
 from flowalign.schedules import StepPlan, make_plan
 
-try:
-    from flowalign.pipelines.base import Adapter, Cond
-except ImportError:  # pragma: no cover - only when the package is not installed
-    from pipelines.base import Adapter, Cond
+from flowalign.adapter import Adapter, Cond
 
 SPLIT_LOGPROBS = ("drawn", "unscaled_std")
 FUSIONS = ("mean", "prob_weighted")

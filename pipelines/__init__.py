@@ -1,4 +1,4 @@
-"""Adapters over diffusers pipelines (see ``flowalign.pipelines.base`` for the contract).
+"""Adapters over diffusers pipelines (the contract lives in the core, ``flowalign.adapter``).
 
 Importing this package registers every built-in adapter in ``ADAPTERS``: ``sd3``, ``flux``, ``wan``, ``sd15``,
 ``sdxl``, ``flux2``, ``qwenimage``, ``zimage``, ``hunyuan_video`` (and ``shapes``, the embedded tiny world, when
@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 from flowalign.pipelines import flux, hunyuan_video, qwenimage, sd3, sd15, sdxl, wan  # noqa: F401  (registers them)
-from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond
 
 # Families whose pipeline class only newer diffusers releases ship (FLUX.2 and Z-Image arrived in 0.36): an older
 # diffusers still imports the package, and asking for the family says what is missing instead of failing here.

@@ -22,7 +22,7 @@ import torch
 from diffusers import FluxPipeline
 from torch import Tensor, nn
 
-from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond
 
 
 @ADAPTERS.register("flux")

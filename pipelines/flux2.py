@@ -24,7 +24,7 @@ from diffusers import Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import Tensor, nn
 
-from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond
 
 
 @ADAPTERS.register("flux2")

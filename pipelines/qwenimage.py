@@ -24,7 +24,7 @@ import torch
 from diffusers import QwenImagePipeline
 from torch import Tensor, nn
 
-from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond
 
 
 @ADAPTERS.register("qwenimage")

@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from torch import Tensor, nn
 
-from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond
 
 logger = logging.getLogger(__name__)
 _SIGMA_ATOL = 1e-6  # a sigma further than this from every DDPM level is not one of ours

@@ -17,7 +17,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from torch import Tensor, nn
 
-from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond
 
 
 @ADAPTERS.register("sd3")

@@ -25,7 +25,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 from torch import Tensor
 
-from flowalign.pipelines.base import ADAPTERS, Cond
+from flowalign.adapter import ADAPTERS, Cond
 from flowalign.pipelines.sd15 import SD15Adapter
 
 

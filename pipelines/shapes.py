@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond
 from flowalign.shapes import VOCAB
 
 #: special tokens (ids 0-3); eos != 2 so CLIP pools at the first <eos> (transformers' non-legacy path)

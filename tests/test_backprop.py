@@ -32,7 +32,7 @@ from flowalign.methods import METHODS, TrainState
 from flowalign.methods.alignprop import RewardBackprop
 from flowalign.methods.base import generator
 from flowalign.pipelines import tiny
-from flowalign.pipelines.base import ADAPTERS
+from flowalign.adapter import ADAPTERS
 from flowalign.pipelines.shapes import ShapesAdapter, build_pipeline
 from flowalign.rewards.base import get_reward
 from flowalign.rewards.tiny import save_tiny_aesthetic

@@ -26,7 +26,7 @@ from flowalign.eval.gallery import build_gallery
 from flowalign.eval.media import load_png, read_jsonl, video_info
 from flowalign.eval.models import apply_lora, variants_from_args
 from flowalign.eval.plots import plot_training_curves
-from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond
 from flowalign.rewards.base import REWARDS, FunctionReward
 
 torch.set_num_threads(1)

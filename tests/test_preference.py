@@ -33,7 +33,7 @@ from flowalign.methods.base import Batch, Runtime, TrainState
 from flowalign.methods.d3po import _PairStore, candidate_pairs
 from flowalign.pairs import PairsError, load_pairs
 from flowalign.pipelines import tiny
-from flowalign.pipelines.base import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond
 from flowalign.schedules import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowalign.pipelines.base import Cond
+from flowalign.adapter import Cond
 from flowalign.rollout import Trajectory, recompute_log_probs, sample, step_log_prob
 from flowalign.schedules import make_plan
 from tests.toy import GaussianMixtureAdapter, TinyFlowAdapter
@@ -231,7 +231,7 @@ def test_tiny_adapter_round_trips_takes_lora_and_trains_through_the_log_prob(tmp
     peft LoRA on ``lora_target_modules``, and a gradient from a stored transition's log-prob into the LoRA weights."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from flowalign.pipelines.base import ADAPTERS
+    from flowalign.adapter import ADAPTERS
 
     adapter = mlp()
     path = adapter.save_pretrained(tmp_path / "toy")

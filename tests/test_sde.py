@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flowalign import sde
-from flowalign.pipelines.base import Cond
+from flowalign.adapter import Cond
 from flowalign.rewards.base import check_images
 from flowalign.rollout import sample
 from flowalign.schedules import make_plan

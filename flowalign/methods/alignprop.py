@@ -50,7 +50,7 @@ from torch import Tensor
 
 from flowalign import diff_sampling as ds
 from flowalign import sde
-from flowalign.config import ConfigError, _f, _from_dict, load_prompts
+from flowalign.config import ConfigError, help_field, from_dict, load_prompts
 from flowalign.methods.base import (
     METHODS,
     Batch,
@@ -62,10 +62,7 @@ from flowalign.methods.base import (
     generator,
 )
 
-try:
-    from flowalign.pipelines.base import Cond
-except ImportError:  # pragma: no cover
-    from pipelines.base import Cond
+from flowalign.adapter import Cond
 
 OPTIONS_KEY = "train.method_options"
 
@@ -75,15 +72,15 @@ OPTIONS_KEY = "train.method_options"
 class BackpropOptions:
     """Options shared by every reward-backprop method (``train.method_options``)."""
 
-    objective: Literal["maximize", "hinge", "target"] = _f(
+    objective: Literal["maximize", "hinge", "target"] = help_field(
         "maximize", "Per-image objective: maximize -r, hinge relu(hinge - r) (ReFL), target |r - target| (AlignProp).")
-    loss_scale: float = _f(1.0, "Multiplies the objective (AlignProp loss_coeff 0.01, ReFL grad_scale 1e-3).")
-    hinge: float = _f(2.0, "Hinge level c of objective=hinge (ReFL 2.0 on ImageReward; FlowBP 0.55 on HPSv2.1).")
-    target: float = _f(10.0, "Target of objective=target (AlignProp aesthetic: 10).")
-    checkpoint: bool = _f(True, "Checkpoint every denoiser call that keeps a graph (use_reentrant=False).")
-    checkpoint_decode: bool = _f(False, "Also checkpoint the decoder (VAE) call (worth it at >= 1024 px).")
-    grad_norms: bool = _f(True, "Record per-step gradient norms (backward hooks) and log them per third.")
-    log_step_grad_norms: bool = _f(False, "Also log grad/<latent|out>_step<i> for every step i.")
+    loss_scale: float = help_field(1.0, "Multiplies the objective (AlignProp loss_coeff 0.01, ReFL grad_scale 1e-3).")
+    hinge: float = help_field(2.0, "Hinge level c of objective=hinge (ReFL 2.0 on ImageReward; FlowBP 0.55 on HPSv2.1).")
+    target: float = help_field(10.0, "Target of objective=target (AlignProp aesthetic: 10).")
+    checkpoint: bool = help_field(True, "Checkpoint every denoiser call that keeps a graph (use_reentrant=False).")
+    checkpoint_decode: bool = help_field(False, "Also checkpoint the decoder (VAE) call (worth it at >= 1024 px).")
+    grad_norms: bool = help_field(True, "Record per-step gradient norms (backward hooks) and log them per third.")
+    log_step_grad_norms: bool = help_field(False, "Also log grad/<latent|out>_step<i> for every step i.")
 
     def check(self, cfg) -> None:
         """Range checks that need the config (``ConfigError`` naming the key)."""
@@ -97,13 +94,13 @@ def _err(key: str, msg: str) -> ConfigError:
 
 @dataclass
 class AlignPropOptions(BackpropOptions):
-    truncation: Literal["uniform", "gaussian", "fixed", "none"] = _f(
+    truncation: Literal["uniform", "gaussian", "fixed", "none"] = help_field(
         "uniform", "How K (steps that keep a graph, from the end) is drawn per micro-batch: uniform in k_range, "
                    "gaussian N(k_mean, k_std), fixed k, none (K = num_steps: full chain).")
-    k: int = _f(1, "K of truncation=fixed (AlignProp K=1 scripts; DRaFT-K).")
-    k_range: list[int] | None = _f(None, "[lo, hi] (inclusive) of truncation=uniform; null = [1, num_steps].")
-    k_mean: float = _f(8.0, "Mean of truncation=gaussian (AlignProp: 50 - 42).")
-    k_std: float = _f(5.0, "Std of truncation=gaussian (AlignProp: 5); draws outside [1, num_steps] are redrawn.")
+    k: int = help_field(1, "K of truncation=fixed (AlignProp K=1 scripts; DRaFT-K).")
+    k_range: list[int] | None = help_field(None, "[lo, hi] (inclusive) of truncation=uniform; null = [1, num_steps].")
+    k_mean: float = help_field(8.0, "Mean of truncation=gaussian (AlignProp: 50 - 42).")
+    k_std: float = help_field(5.0, "Std of truncation=gaussian (AlignProp: 5); draws outside [1, num_steps] are redrawn.")
 
     def check(self, cfg) -> None:
         super().check(cfg)
@@ -200,7 +197,7 @@ class RewardBackprop(Method):
     @classmethod
     def options(cls, cfg) -> BackpropOptions:
         """``train.method_options`` parsed into ``cls.Options`` (unknown keys / wrong types: ConfigError)."""
-        opts = _from_dict(cls.Options, dict(cfg.train.method_options), OPTIONS_KEY)
+        opts = from_dict(cls.Options, dict(cfg.train.method_options), OPTIONS_KEY)
         opts.check(cfg)
         return opts
 

@@ -28,7 +28,11 @@ from typing import Any, Callable, ClassVar, ContextManager
 import torch
 from torch import Tensor
 
+from flowalign.config import ConfigError, describe, from_dict
 from flowalign.registry import Registry
+
+#: where a method's options live in the run config
+OPTIONS_KEY = "train.method_options"
 
 METHODS: Registry[type["Method"]] = Registry("method", entry_point_group="flowalign.methods")
 
@@ -93,10 +97,30 @@ class Collected:
     images: Tensor | None = None  # a few samples for image logging (main process)
 
 
+@dataclass
+class NoOptions:
+    """The options of a method that has none."""
+
+    def check(self, cfg) -> None:
+        """Range checks that need the whole config (raise ``ConfigError`` naming ``train.method_options.<key>``)."""
+
+
+def option_error(key: str, msg: str) -> ConfigError:
+    """``ConfigError("train.method_options.<key> <msg>")``."""
+    return ConfigError(f"{OPTIONS_KEY}.{key} {msg}")
+
+
 class Method:
-    """Base class; see the module docstring for the contract."""
+    """Base class; see the module docstring for the contract.
+
+    Options: a method declares ``Options``, a dataclass whose fields are ``flowalign.config.help_field``s (type,
+    default and help on every field) with an optional ``check(cfg)``. ``options(cfg)`` parses
+    ``train.method_options`` into it through the shared config code (unknown keys and wrong types fail with the
+    key path), and ``flowalign train --help-config recipe.yaml`` lists them.
+    """
 
     name: ClassVar[str] = "method"
+    Options: ClassVar[type] = NoOptions
 
     def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
         self.cfg = cfg
@@ -105,8 +129,23 @@ class Method:
         self.runtime = runtime or Runtime()
 
     @classmethod
+    def options(cls, cfg) -> Any:
+        """``train.method_options`` parsed into ``cls.Options`` and checked (``ConfigError`` naming the key)."""
+        opts = from_dict(cls.Options, dict(cfg.train.method_options), OPTIONS_KEY)
+        check = getattr(opts, "check", None)
+        if check is not None:
+            check(cfg)
+        return opts
+
+    @classmethod
+    def describe_options(cls) -> str:
+        """Every option with its type, default and help (as ``flowalign.config.describe``)."""
+        return describe(cls.Options, OPTIONS_KEY + ".")
+
+    @classmethod
     def check_config(cls, cfg) -> None:
-        """Method-specific load-time checks; raise ``flowalign.config.ConfigError`` naming the key."""
+        """Load-time checks: the options, plus method rules (raise ``ConfigError`` naming the key)."""
+        cls.options(cfg)
 
     def check_world(self, world_size: int) -> None:
         """Checks that need the process count (called when the trainer starts)."""

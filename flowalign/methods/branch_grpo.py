@@ -46,10 +46,7 @@ from flowalign.methods.base import METHODS, Batch, Collected, TrainState, genera
 from flowalign.methods.flow_grpo import FlowGRPO
 from flowalign.schedules import StepPlan, make_plan
 
-try:
-    from flowalign.pipelines.base import Cond
-except ImportError:  # pragma: no cover
-    from pipelines.base import Cond
+from flowalign.adapter import Cond
 
 DEFAULTS = {"branching": 2, "split_noise_scale": 1.0, "split_logprob": "drawn", "fusion": "mean",
             "fusion_temperature": 1.0, "depth_pruning": [], "depth_pruning_slide_interval": None,

@@ -40,17 +40,14 @@ import torch
 from torch import Tensor
 
 from flowalign import sde
-from flowalign.config import ConfigError, _f, _from_dict, load_prompts
+from flowalign.config import ConfigError, help_field, from_dict, load_prompts
 from flowalign.losses import clipped_log_ratio, dpo_loss
 from flowalign.methods.base import METHODS, Batch, Collected, Method, PromptSampler, Runtime, TrainState, generator
 from flowalign.methods.flow_grpo import reward_parts
 from flowalign.rollout import sample
 from flowalign.schedules import StepPlan, make_plan
 
-try:
-    from flowalign.pipelines.base import Cond
-except ImportError:  # pragma: no cover
-    from pipelines.base import Cond
+from flowalign.adapter import Cond
 
 OPTIONS_KEY = "train.method_options"
 
@@ -60,23 +57,23 @@ OPTIONS_KEY = "train.method_options"
 class PairOptions:
     """Options of the online pair methods (``train.method_options``)."""
 
-    preference: Literal["reward", "human"] = _f("reward", "Who decides a pair: the reward (higher total wins) or "
+    preference: Literal["reward", "human"] = help_field("reward", "Who decides a pair: the reward (higher total wins) or "
                                                           "people, through the labelling queue in labels_dir.")
-    pairing: Literal["all", "adjacent", "best_worst"] = _f(
+    pairing: Literal["all", "adjacent", "best_worst"] = help_field(
         "all", "Pairs inside a group: all C(G,2), adjacent (0,1),(2,3)..., best_worst (max vs min reward).")
-    ratio_clip: float | None = _f(0.1, "eps of the per-step ratio clip to [1-eps, 1+eps] (D3PO 0.1); null = none.")
-    tie_atol: float = _f(0.0, "Reward differences |dr| <= tie_atol are ties (no preference, pair dropped).")
-    label_smoothing: float = _f(0.0, "cDPO label smoothing of the DPO loss (0 = D3PO).")
-    labels_dir: str | None = _f(None, "preference=human: the labelling queue folder (pairs.jsonl, labels.jsonl, "
+    ratio_clip: float | None = help_field(0.1, "eps of the per-step ratio clip to [1-eps, 1+eps] (D3PO 0.1); null = none.")
+    tie_atol: float = help_field(0.0, "Reward differences |dr| <= tie_atol are ties (no preference, pair dropped).")
+    label_smoothing: float = help_field(0.0, "cDPO label smoothing of the DPO loss (0 = D3PO).")
+    labels_dir: str | None = help_field(None, "preference=human: the labelling queue folder (pairs.jsonl, labels.jsonl, "
                                       "images); `flowalign label serve <labels_dir>` shows it to people.")
-    min_labeled: float = _f(1.0, "preference=human: share of a round's pairs that must be labelled (a/b/tie/skip) "
+    min_labeled: float = help_field(1.0, "preference=human: share of a round's pairs that must be labelled (a/b/tie/skip) "
                                  "before training on it.")
-    label_timeout_s: float | None = _f(None, "preference=human: give up waiting after this many seconds "
+    label_timeout_s: float | None = help_field(None, "preference=human: give up waiting after this many seconds "
                                              "(TimeoutError); null = wait forever.")
-    poll_s: float = _f(1.0, "preference=human: seconds between reads of labels.jsonl while waiting.")
-    serve: bool = _f(False, "preference=human: start the labelling web app in this process (main process only).")
-    serve_host: str = _f("127.0.0.1", "Host of the labelling app started by serve=true.")
-    serve_port: int = _f(8765, "Port of the labelling app started by serve=true (0 = any free port).")
+    poll_s: float = help_field(1.0, "preference=human: seconds between reads of labels.jsonl while waiting.")
+    serve: bool = help_field(False, "preference=human: start the labelling web app in this process (main process only).")
+    serve_host: str = help_field("127.0.0.1", "Host of the labelling app started by serve=true.")
+    serve_port: int = help_field(8765, "Port of the labelling app started by serve=true (0 = any free port).")
 
     def check(self, cfg, method: str) -> None:
         s = cfg.sample
@@ -160,7 +157,7 @@ class D3PO(Method):
     # ------------------------------------------------------------------------------------------ config
     @classmethod
     def options(cls, cfg) -> PairOptions:
-        opts = _from_dict(cls.Options, dict(cfg.train.method_options), OPTIONS_KEY)
+        opts = from_dict(cls.Options, dict(cfg.train.method_options), OPTIONS_KEY)
         opts.check(cfg, cls.name)
         return opts
 

@@ -33,33 +33,30 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from flowalign.config import ConfigError, _f, _from_dict
+from flowalign.config import ConfigError, help_field, from_dict
 from flowalign.losses import diffusion_dpo_loss
 from flowalign.methods.base import METHODS, Batch, Collected, Method, PromptSampler, Runtime, TrainState, generator
 from flowalign.pairs import Pair, load_media, load_pairs
 
-try:
-    from flowalign.pipelines.base import Cond
-except ImportError:  # pragma: no cover
-    from pipelines.base import Cond
+from flowalign.adapter import Cond
 
 OPTIONS_KEY = "train.method_options"
 
 
 @dataclass
 class DPOOptions:
-    pairs: str = _f("", "Pairs dataset: a .jsonl of {id, prompt, chosen, rejected} (paths relative to it) or a "
+    pairs: str = help_field("", "Pairs dataset: a .jsonl of {id, prompt, chosen, rejected} (paths relative to it) or a "
                         "labelled queue folder (pairs.jsonl + labels.jsonl from `flowalign label serve`).")
-    pairs_per_update: int = _f(8, "Pairs per optimizer step over all processes (Diffusion-DPO: 2048 on 16 GPUs).")
-    timesteps_per_pair: int = _f(1, "Noise levels drawn per pair per step (Diffusion-DPO 1; flow_grpo ~39).")
-    timestep_sampling: Literal["auto", "uniform", "logit_normal"] = _f(
+    pairs_per_update: int = help_field(8, "Pairs per optimizer step over all processes (Diffusion-DPO: 2048 on 16 GPUs).")
+    timesteps_per_pair: int = help_field(1, "Noise levels drawn per pair per step (Diffusion-DPO 1; flow_grpo ~39).")
+    timestep_sampling: Literal["auto", "uniform", "logit_normal"] = help_field(
         "auto", "How t / sigma is drawn: uniform (Diffusion-DPO), logit_normal (flow_grpo, SD3); auto = uniform for "
                 "epsilon models, logit_normal for flow models.")
-    logit_mean: float = _f(0.0, "Mean of the logit-normal draw.")
-    logit_std: float = _f(1.0, "Std of the logit-normal draw.")
-    shift: float | None = _f(None, "Flow models: time shift of sigma; null = the scheduler's config.shift (SD3 3.0, "
+    logit_mean: float = help_field(0.0, "Mean of the logit-normal draw.")
+    logit_std: float = help_field(1.0, "Std of the logit-normal draw.")
+    shift: float | None = help_field(None, "Flow models: time shift of sigma; null = the scheduler's config.shift (SD3 3.0, "
                                    "shapes 1.0; set it for dynamic-shift schedulers such as FLUX's).")
-    label_smoothing: float = _f(0.0, "cDPO label smoothing (0 = Diffusion-DPO).")
+    label_smoothing: float = help_field(0.0, "cDPO label smoothing (0 = Diffusion-DPO).")
 
     def check(self, cfg) -> None:
         if not self.pairs:  # its rows are read and validated when the method is built (they need the model size)
@@ -137,7 +134,7 @@ class DPO(Method):
 
     @classmethod
     def options(cls, cfg) -> DPOOptions:
-        opts = _from_dict(cls.Options, dict(cfg.train.method_options), OPTIONS_KEY)
+        opts = from_dict(cls.Options, dict(cfg.train.method_options), OPTIONS_KEY)
         opts.check(cfg)
         return opts
 

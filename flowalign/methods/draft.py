@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from flowalign import diff_sampling as ds
-from flowalign.config import ConfigError, _f
+from flowalign.config import ConfigError, help_field
 from flowalign.methods.alignprop import (
     OPTIONS_KEY,
     AlignProp,
@@ -30,21 +30,18 @@ from flowalign.methods.alignprop import (
 )
 from flowalign.methods.base import METHODS
 
-try:
-    from flowalign.pipelines.base import Cond
-except ImportError:  # pragma: no cover
-    from pipelines.base import Cond
+from flowalign.adapter import Cond
 
 
 @dataclass
 class DraftOptions(AlignPropOptions):
-    truncation: Literal["uniform", "gaussian", "fixed", "none"] = _f(
+    truncation: Literal["uniform", "gaussian", "fixed", "none"] = help_field(
         "fixed", "DRaFT-K: fixed (the last k steps); none = full DRaFT; uniform/gaussian as AlignProp.")
 
 
 @dataclass
 class DraftLVOptions(BackpropOptions):
-    lv_samples: int = _f(2, "n: re-noised copies of the sample that also get a differentiable last step "
+    lv_samples: int = help_field(2, "n: re-noised copies of the sample that also get a differentiable last step "
                             "(DRaFT-LV; FlowBP default 2).")
 
     def check(self, cfg) -> None:

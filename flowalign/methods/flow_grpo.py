@@ -45,10 +45,7 @@ from flowalign.rollout import sample
 from flowalign.schedules import StepPlan, make_plan
 from flowalign.solvers import SOLVERS
 
-try:
-    from flowalign.pipelines.base import Cond
-except ImportError:  # pragma: no cover
-    from pipelines.base import Cond
+from flowalign.adapter import Cond
 
 
 @dataclass

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from flowalign import diff_sampling as ds
-from flowalign.config import ConfigError, _f
+from flowalign.config import ConfigError, help_field
 from flowalign.methods.alignprop import (
     OPTIONS_KEY,
     BackpropOptions,
@@ -58,22 +58,22 @@ INDEX_SAMPLERS = ("uniform", "midpoint", "midpoint_j", "dirichlet")
 
 @dataclass
 class LeapAlignOptions(BackpropOptions):
-    index_sampler: Literal["uniform", "midpoint", "midpoint_j", "dirichlet"] = _f(
+    index_sampler: Literal["uniform", "midpoint", "midpoint_j", "dirichlet"] = help_field(
         "uniform", "How (k, j) are drawn: uniform pair, midpoint (j halfway from k to the end), midpoint_j (k halfway "
                    "from the start to j), dirichlet segment lengths (FlowBP jk_sampling).")
-    dirichlet_alpha: float = _f(4.2, "Concentration of index_sampler=dirichlet (FlowBP 4.2).")
-    index_range: list[int] | None = _f(None, "[lo, hi): steps k and j may take; null = [0, num_steps).")
-    draw: Literal["batch", "sample"] = _f("batch", "One (k, j) per micro-batch (FlowBP) or one per sample.")
-    nested_scale: float = _f(0.3, "Scale a of the nested gradient through the network input at j (0 = DRTune's "
+    dirichlet_alpha: float = help_field(4.2, "Concentration of index_sampler=dirichlet (FlowBP 4.2).")
+    index_range: list[int] | None = help_field(None, "[lo, hi): steps k and j may take; null = [0, num_steps).")
+    draw: Literal["batch", "sample"] = help_field("batch", "One (k, j) per micro-batch (FlowBP) or one per sample.")
+    nested_scale: float = help_field(0.3, "Scale a of the nested gradient through the network input at j (0 = DRTune's "
                                   "stop-gradient, 1 = full chain rule; FlowBP 0.3).")
-    connector: Literal["straight_through", "leap"] = _f(
+    connector: Literal["straight_through", "leap"] = help_field(
         "straight_through", "Leap 2 starts from x^_j + sg(x_j - x^_j) (true x_j in value) or from x^_j itself.")
-    reward_input: Literal["endpoint", "leap"] = _f(
+    reward_input: Literal["endpoint", "leap"] = help_field(
         "endpoint", "The reward sees the true sample via x^_0 + sg(x_N - x^_0) (FlowBP) or the leap's x^_0.")
-    weighting: Literal["inverse_distance", "none"] = _f(
+    weighting: Literal["inverse_distance", "none"] = help_field(
         "inverse_distance", "Per-sample weight 1 / (max(d_j, tau) + max(d_0, tau)) (FlowBP), or none.")
-    distance: Literal["l1", "l2"] = _f("l1", "d_j, d_0: mean |difference| (l1, FlowBP) or root mean square (l2).")
-    tau: float = _f(0.1, "Floor of each distance in the weight (FlowBP 0.1): caps a weight at 1 / (2 tau).")
+    distance: Literal["l1", "l2"] = help_field("l1", "d_j, d_0: mean |difference| (l1, FlowBP) or root mean square (l2).")
+    tau: float = help_field(0.1, "Floor of each distance in the weight (FlowBP 0.1): caps a weight at 1 / (2 tau).")
 
     def check(self, cfg) -> None:
         super().check(cfg)

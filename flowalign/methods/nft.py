@@ -159,7 +159,7 @@ class DiffusionNFT(FlowGRPO):
                                                                                                   s.noise_level):
             raise ConfigError("train.method_options.ode_solver/post_compress apply to deterministic rollouts: "
                               "set sample.kernel=ode (sample.noise_level=0)")
-        from flowalign.pipelines.base import ADAPTERS
+        from flowalign.adapter import ADAPTERS
 
         if ":" not in cfg.model.adapter and ADAPTERS.get(cfg.model.adapter).prediction_type != "flow":
             raise ConfigError(f"nft trains a flow-matching (velocity) model; model.adapter={cfg.model.adapter!r} "

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from flowalign import sde
-from flowalign.config import ConfigError, _f
+from flowalign.config import ConfigError, help_field
 from flowalign.losses import gaussian_kl, reward_difference_loss
 from flowalign.methods.base import METHODS
 from flowalign.methods.d3po import D3PO, OPTIONS_KEY, PairOptions
@@ -36,11 +36,11 @@ from flowalign.methods.d3po import D3PO, OPTIONS_KEY, PairOptions
 
 @dataclass
 class PRDPOptions(PairOptions):
-    ratio_clip: float | None = _f(1e-4, "eps of the proximal clip of each step's log-ratio to the sampling policy "
+    ratio_clip: float | None = help_field(1e-4, "eps of the proximal clip of each step's log-ratio to the sampling policy "
                                         "(PPO-style; 1e-4 as Flow-GRPO/DDPO for mean-reduced log-probs).")
-    reward_scale: Literal["batch_std", "none"] = _f(
+    reward_scale: Literal["batch_std", "none"] = help_field(
         "batch_std", "Divide reward differences by the round's reward std (batch_std) or regress raw ones (none).")
-    kl_coef: float = _f(0.0, "Weight of the KL to the base model (LoRA disabled) at each trained step (0 = off).")
+    kl_coef: float = help_field(0.0, "Weight of the KL to the base model (LoRA disabled) at each trained step (0 = off).")
 
     def check(self, cfg, method: str) -> None:
         super().check(cfg, method)

@@ -21,7 +21,7 @@ import torch
 
 from flowalign import diff_sampling as ds
 from flowalign import sde
-from flowalign.config import ConfigError, _f
+from flowalign.config import ConfigError, help_field
 from flowalign.methods.alignprop import (
     OPTIONS_KEY,
     BackpropOptions,
@@ -33,10 +33,10 @@ from flowalign.methods.base import METHODS
 
 @dataclass
 class ReFLOptions(BackpropOptions):
-    step_range: list[float] = _f(factory=lambda: [0.75, 1.0], help=(
+    step_range: list[float] = help_field(factory=lambda: [0.75, 1.0], help=(
         "[lo, hi] fractions of sample.num_steps: the grad step m is uniform in floor(lo N) .. ceil(hi N) - 1 "
         "(ReFL 30..39 of 40)."))
-    endpoint_faithful: bool = _f(False, "Reward sees the true final sample via x0_hat + sg(x_N - x0_hat) "
+    endpoint_faithful: bool = help_field(False, "Reward sees the true final sample via x0_hat + sg(x_N - x0_hat) "
                                         "(FlowBP) instead of x0_hat (ReFL).")
 
     def check(self, cfg) -> None:
