@@ -25,8 +25,10 @@ sysdeps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing: sudo apt-get install chromium"; fi; }
 
+# --maxschedchunk 1: xdist hands out tests one at a time, so the longest-first order of tests/conftest.py holds and
+# the two workers finish together
 test: install
-	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --maxschedchunk 1 --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)

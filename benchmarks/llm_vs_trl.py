@@ -54,8 +54,8 @@ def worker_ours(warmup: int, steps: int) -> dict:
     out = tempfile.mkdtemp(prefix="bench_ours_")
     cfg = load(None, [f"output_dir={out}", "algo.preset=grpo", "algo.beta=0.0",
                       f"rollout.prompts_per_step={PROMPTS_PER_STEP}", f"rollout.group_size={G}",
-                      f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", f"optim.lr={LR}",
-                      "optim.betas=[0.9, 0.999]", "optim.max_grad_norm=1.0", "train.micro_batch=128",
+                      f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", f"train.lr={LR}",
+                      "train.betas=[0.9, 0.999]", "train.max_grad_norm=1.0", "train.batch_size=128",
                       f"seed={SEED}", "train.threads=1"])
     tr = LLMTrainer(cfg)
     for _ in range(warmup):

@@ -9,8 +9,8 @@ The trainer's periodic eval uses this module with ``eval.fn: flowalign.eval:trai
 bootstrap CIs, win rates, verifier accuracy and the reward-hacking report; ``build_gallery`` writes the HTML page.
 """
 
-from flowalign.eval.generate import (EvalResult, evaluate, generate_images, initial_noise, load_prompts, parse_seeds,
-                                     run_eval)
+from flowalign.data import load_prompts  # the one prompt loader (list, .txt, .jsonl, .csv)
+from flowalign.eval.generate import EvalResult, evaluate, generate_images, initial_noise, parse_seeds, run_eval
 from flowalign.eval.models import Variant, apply_lora, load_adapter, variants_from_args
 from flowalign.eval.metrics import (CI, bootstrap_ci, bootstrap_p_gain, diversity, pairwise_diversity, reward_hacking, summarize,
                                     verifier_accuracy, win_rate)

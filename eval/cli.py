@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import yaml
 
+from flowalign.data import load_prompts
 from flowalign.eval.generate import build_rewards, parse_seeds, run_eval
 from flowalign.eval.media import load_png
 from flowalign.eval.models import variants_from_args
@@ -62,7 +63,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-weights", action="store_true",
                    help="use a checkpoint's raw weights.safetensors instead of its EMA weights")
     p.add_argument("--names", nargs="*", default=None, help="variant names: base first, then one per --lora")
-    p.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or .jsonl ({'prompt': ...})")
+    p.add_argument("--prompts", required=True, help="prompts file: .txt (one per line), .jsonl ({'prompt': ...}) or .csv (a 'prompt' column)")
     p.add_argument("--rewards", default="", help="comma-separated rewards from flowalign.rewards (or module:attr)")
     p.add_argument("--reward-arg", action="append", default=[], metavar="REWARD.KEY=VALUE",
                    help="constructor argument of a reward, e.g. clip_score.model=/ckpt/clip (repeatable)")
@@ -100,6 +101,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             if name is not None and name not in rewards_list:
                 raise ValueError(f"{arg} {name!r} must be one of --rewards {rewards_list}")
         parse_seeds(args.seeds)
+        # --prompts is always a file: read it before loading any model, so a missing, empty or unknown-suffix file
+        # (or a CSV without a `prompt` column) is an error here, never a prompt made of the path string
+        load_prompts(args.prompts, "--prompts")
         variants = variants_from_args(args.model, args.lora, args.names, args.device, DTYPES[args.dtype],
                                       use_ema=not args.raw_weights, model_kwargs=_model_kwargs(args.model_arg))
         rewards = build_rewards(rewards_list, _reward_kwargs(args.reward_arg))

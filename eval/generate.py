@@ -45,7 +45,8 @@ from flowalign.eval.models import Variant, adapter_fingerprint
 from flowalign.rollout import sample
 from flowalign.schedules import StepPlan
 
-from flowalign.adapter import Adapter
+from flowalign.adapter import Adapter, deterministic_kernel
+from flowalign.data import PROMPT_SUFFIXES, PromptSpec, load_prompts
 from flowalign.rewards.base import Reward, get_reward
 
 ROW_FIELDS = ("prompt", "prompt_idx", "seed", "variant", "reward", "value", "image", "key")
@@ -76,39 +77,15 @@ def parse_seeds(spec: "str | int | Iterable[int]") -> list[int]:
     return seeds
 
 
-def load_prompts(path: str | os.PathLike) -> list[dict]:
-    """Prompt records ``{"prompt": str, **metadata}`` from a ``.txt`` (one per line; blank and ``#`` lines skipped)
-    or ``.jsonl`` file (GenEval-style objects with a ``prompt`` key, or bare strings)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"prompts file {str(p)!r} does not exist")
-    records = []
-    if p.suffix == ".jsonl":
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            obj = {"prompt": obj} if isinstance(obj, str) else obj
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise ValueError(f"{p}:{n}: each line must be a string or an object with a 'prompt' string")
-            records.append(obj)
-    else:
-        records = [{"prompt": line.strip()} for line in p.read_text(encoding="utf-8").splitlines()
-                   if line.strip() and not line.lstrip().startswith("#")]
-    if not records:
-        raise ValueError(f"prompts file {str(p)!r} holds no prompts")
-    return records
-
-
-def as_prompt_records(prompts: "Sequence[str | dict] | str | os.PathLike") -> list[dict]:
-    if isinstance(prompts, (str, os.PathLike)) and Path(prompts).suffix in (".txt", ".jsonl"):
-        return load_prompts(prompts)
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    out = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
-    if not out or not all(isinstance(r.get("prompt"), str) for r in out):
+def as_prompt_records(prompts: "PromptSpec", key: str = "prompts") -> list[dict]:
+    """``{"prompt": str, **metadata}`` records of a list (strings or records) or a .txt/.jsonl/.csv file
+    (``flowalign.data.load_prompts``); ConfigError (a ValueError) naming ``key`` when there are none."""
+    if isinstance(prompts, str) and Path(prompts).suffix not in PROMPT_SUFFIXES:
+        prompts = [prompts]  # one prompt given as a bare string
+    texts, meta = load_prompts(prompts, key)
+    if not texts:
         raise ValueError("prompts must be a non-empty list of strings or {'prompt': str, ...} records")
-    return out
+    return [{"prompt": p, **m} for p, m in zip(texts, meta)]
 
 
 # --------------------------------------------------------------------------------------------- noise
@@ -147,7 +124,8 @@ def generate_images(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[in
         device = next(adapter.trainable_module().parameters()).device
     noise = noise.to(device)
     none = torch.zeros(num_steps, dtype=torch.bool)  # no SDE step: every transition deterministic
-    traj = sample(_FixedNoise(adapter, noise), list(prompts), num_steps=num_steps, kernel="ode", noise_level=0.0,
+    kernel, level = deterministic_kernel(adapter.prediction_type)
+    traj = sample(_FixedNoise(adapter, noise), list(prompts), num_steps=num_steps, kernel=kernel, noise_level=level,
                   plan=StepPlan(sde=none, train=none.clone()), guidance=guidance,
                   negative_prompt=negative_prompt)
     return traj.images.float().clamp(0, 1).cpu(), noise.cpu()

@@ -17,7 +17,6 @@ used when present (the trainer's ``eval.use_ema`` default; flow_grpo saves EMA w
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -27,62 +26,32 @@ from typing import Sequence
 
 import torch
 
-from flowalign.adapter import ADAPTERS, Adapter
+from flowalign.adapter import ADAPTERS, Adapter, adapter_for_pipeline, get_adapter, resolve_dtype
 
 _PREFIXES = ("base_model.model.", "transformer.", "unet.", "module.")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                        r"(?:\.(?P<name>[^.]+))?\.weight$")
 
 
-def _import_adapter(name: str | None = None) -> None:
-    """Adapters register when their module is imported: import ``flowalign.pipelines.<name>`` (all when None)."""
-    import importlib
-    import pkgutil
-
-    import flowalign.pipelines as pkg
-
-    names = [name] if name else [m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in ("base", "tiny")]
-    for n in names:
-        try:
-            importlib.import_module(f"flowalign.pipelines.{n}")
-        except ImportError as e:  # a missing module or an optional dependency: that adapter is just unavailable
-            if name and e.name != f"flowalign.pipelines.{n}":
-                raise
-
-
-def load_adapter(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_adapter(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
                  **kwargs) -> Adapter:
-    """The base adapter of ``"ADAPTER:PATH"`` or of a diffusers folder (matched on ``model_index.json``).
+    """The base adapter of ``"ADAPTER:PATH"`` or of a diffusers folder (matched on ``model_index.json``), loaded
+    through the core's ``flowalign.adapter.load_adapter``.
 
     ``kwargs`` (``--model-arg``) go to the adapter's constructor when it takes them (``height``, ``width``,
     ``num_frames`` of the Wan adapter), the rest to ``from_pretrained`` (the trainer's ``model.kwargs``)."""
     name, sep, path = spec.partition(":")
-    if sep and name not in ADAPTERS and name.isidentifier():
-        _import_adapter(name)
-    if sep and name in ADAPTERS:
-        cls = ADAPTERS.get(name)
+    if sep and name.isidentifier() and not Path(spec).exists():
+        cls = get_adapter(name)  # unknown names raise with the registered ones and the closest match
     else:
         path, cls = spec, None
         index = Path(spec) / "model_index.json"
         if index.is_file():
-            _import_adapter()
-            class_name = json.loads(index.read_text()).get("_class_name")
-            for n in ADAPTERS.names():
-                pc = getattr(ADAPTERS.get(n), "pipeline_class", None)
-                if pc is not None and pc.__name__ == class_name:
-                    cls = ADAPTERS.get(n)
-                    break
+            cls = adapter_for_pipeline(json.loads(index.read_text()).get("_class_name", ""))
         if cls is None:
             raise ValueError(f"--model {spec!r}: cannot tell which adapter loads it; write 'ADAPTER:PATH' with "
                              f"ADAPTER one of {', '.join(ADAPTERS.names()) or '(none registered)'}")
-    if getattr(cls.from_pretrained, "__func__", None) is not Adapter.from_pretrained.__func__ or not kwargs:
-        return cls.from_pretrained(path, torch_dtype=dtype, device=device, **kwargs)
-    own = set(inspect.signature(cls.__init__).parameters) - {"self", "pipe"}
-    init_kw = {k: v for k, v in kwargs.items() if k in own}
-    load_kw = {k: v for k, v in kwargs.items() if k not in own}
-    pipe = cls.pipeline_class.from_pretrained(path, torch_dtype=dtype, **load_kw)
-    pipe.set_progress_bar_config(disable=True)
-    return cls(pipe.to(device), **init_kw)
+    return cls.from_pretrained(path, torch_dtype=resolve_dtype(dtype), device=device, **kwargs)
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

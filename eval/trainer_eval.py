@@ -16,20 +16,19 @@ from typing import Any
 
 import torch
 
+from flowalign.data import RewardFn, load_prompts
 from flowalign.eval.generate import evaluate
 
 
 def trainer_eval(trainer: Any) -> dict[str, float]:
     """``eval.fn`` for ``flowalign.trainer.Trainer``: mean reward and components of deterministic samples."""
-    from flowalign.config import load_prompts
-
     cfg, e, rt = trainer.cfg, trainer.cfg.eval, trainer.runtime
     prompts, meta = load_prompts(e.prompts, "eval.prompts")
     if e.kernel not in ("ode", "ddim") or e.noise_level != 0:
         raise ValueError(f"eval.kernel={e.kernel!r} with noise_level={e.noise_level}: flowalign.eval samples "
                          "deterministically; set eval.kernel=ode (ddim for epsilon models) and eval.noise_level=0")
     mine = list(range(rt.rank, len(prompts), rt.world_size))
-    reward = trainer.reward_fn
+    reward: RewardFn = trainer.reward_fn
     components = dict(getattr(reward, "components", None) or {"reward": reward})
     weights = dict(getattr(reward, "weights", None) or {"reward": 1.0})
     it = trainer.state.iteration

@@ -24,7 +24,7 @@ _EXPORTS = {
     "KERNELS": "flowalign.sde", "SCHEDULES": "flowalign.schedules", "make_plan": "flowalign.schedules",
     "StepPlan": "flowalign.schedules", "sample": "flowalign.rollout", "Trajectory": "flowalign.rollout",
     "recompute_log_probs": "flowalign.rollout", "Registry": "flowalign.registry", "EMA": "flowalign.ema",
-    "run_checks": "flowalign.doctor", "set_deterministic": "flowalign.doctor",
+    "run_checks": "flowalign.doctor", "set_deterministic": "flowalign.determinism",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]  # noqa: PLE0605

@@ -21,7 +21,6 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -64,9 +63,11 @@ class ModelSection:
 
 @dataclass
 class SampleSection:
-    prompts: list[str] | str = help_field(factory=list, help=(
-        "Training prompts: a list, or a path to a .txt (one per line) or .jsonl file "
-        "({'prompt': ..., other keys become reward metadata})."))
+    prompts: list[str | dict[str, Any]] | str | dict[str, Any] = help_field(factory=list, help=(
+        "Training prompts: a list (strings or {prompt: ..., **metadata} records), a path to a .txt (one per line), "
+        ".jsonl ({'prompt': ..., other keys become reward metadata}) or .csv (a 'prompt' column + metadata "
+        "columns) file, or a datasets spec {dataset: name_or_path, split: train, column: prompt} "
+        "(flowalign.data.load_prompts). A relative path in a recipe is relative to the recipe file."))
     prompts_per_round: int = help_field(8, "Distinct prompts (groups) per iteration, over all processes (flow_grpo: 48).")
     group_size: int = help_field(8, "Samples per prompt G (flow_grpo num_image_per_prompt: 24 for SD3.5).")
     num_steps: int = help_field(10, "Denoising steps of a training rollout (flow_grpo: 10 for SD3.5, 6 for FLUX).")
@@ -103,6 +104,9 @@ class AdvantageSection:
     baseline: Literal["mean", "median", "loo"] = help_field("mean", "Group baseline: mean, median (MC-GRPO), loo (RLOO).")
     per_reward: bool = help_field(False, "Normalise each reward in its group, then weight and re-normalise (GDPO).")
     eps: float = help_field(1e-4, "Added to the std (flow_grpo 1e-4).")
+    ddof: Literal[0, 1] = help_field(0, (
+        "Delta degrees of freedom of every std: 0 = numpy np.std as flow_grpo's PerPromptStatTracker and "
+        "global_std (the image default), 1 = torch.std as TRL/verl (advantages x sqrt(G/(G-1)))."))
     drop_zero_std: bool = help_field(True, "Skip groups whose rewards are all equal (zero advantage); logged as zero_std.")
     kwargs: dict[str, Any] = help_field(factory=dict, help="Extra keyword arguments for an explicitly named estimator.")
 
@@ -145,7 +149,8 @@ class EMASection:
 @dataclass
 class EvalSection:
     every: int = help_field(0, "Evaluate every N iterations (0 = never); also after the last iteration when > 0.")
-    prompts: list[str] | str = help_field(factory=list, help="Held-out prompts (list or .txt/.jsonl path).")
+    prompts: list[str | dict[str, Any]] | str | dict[str, Any] = help_field(factory=list, help=(
+        "Held-out prompts: the same forms as sample.prompts (list, .txt/.jsonl/.csv path, datasets spec)."))
     num_steps: int = help_field(40, "Sampling steps (flow_grpo: 40 for SD3.5).")
     guidance: float | None = help_field(None, "CFG scale; null = sample.guidance.")
     kernel: str = help_field("ode", "Kernel; 'ode' = deterministic Euler (the sampler users deploy).")
@@ -163,6 +168,8 @@ class CheckpointSection:
     keep_last: int = help_field(2, "Keep the N newest checkpoints (0 = keep all).")
     dir: str | None = help_field(None, "Checkpoint directory; null = <output_dir>/checkpoints.")
     save_final: bool = help_field(True, "Save when the run ends (max_iterations or max_minutes).")
+    export: bool = help_field(True, "Also write <checkpoint>/export: the weights as diffusers LoRA + peft adapter, or "
+                              "a save_pretrained denoiser (full), with README.md; EMA weights when EMA is on.")
 
 
 @dataclass
@@ -170,6 +177,9 @@ class LogSection:
     jsonl: str | None = help_field(None, "Per-iteration JSONL metrics; null = <output_dir>/metrics.jsonl.")
     trackers: list[str] = help_field(factory=list, help="accelerate trackers: tensorboard, wandb, ... (optional packages).")
     project: str = help_field("flowalign", "Tracker project name.")
+    run_name: str | None = help_field(None, "Tracker run name (W&B name; TensorBoard dir <output_dir>/<project>/<run_name>).")
+    init_kwargs: dict[str, dict[str, Any]] = help_field(factory=dict, help="Tracker -> init kwargs (accelerate "
+                                                        "init_trackers, e.g. {wandb: {entity: me, tags: [a]}}).")
     sample_images_every: int = help_field(0, "Save a grid of the first sampled images every N iterations (0 = never).")
     progress: bool = help_field(True, "Show a tqdm bar on the main process.")
 
@@ -335,7 +345,9 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, _, raw = item.partition("=")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            from flowalign.config_checks import load_yaml
+
+            value = load_yaml(raw, f"override {key}") if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
         if isinstance(value, str) and _FLOAT_RE.match(value):  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -346,18 +358,26 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
 
 def load_config(source: "str | os.PathLike | dict | None" = None, overrides: list[str] | None = None,
                 validate: bool = True) -> Config:
-    """Build a ``Config`` from a YAML path or a dict, apply ``key=value`` overrides, and validate it."""
+    """Build a ``Config`` from a YAML path, a shipped recipe name or a dict, apply ``key=value`` overrides (paths
+    in them relative to the working directory), and validate it. Paths inside a recipe file resolve relative to
+    that file (``flowalign.recipe_paths``)."""
     if source is None:
         data: dict = {}
     elif isinstance(source, dict):
         data = json.loads(json.dumps(source))  # deep copy of plain data
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        from flowalign.recipe_paths import find_recipe, resolve_recipe_paths
+
+        try:  # a file, or a shipped recipe by name ("sd35_pickscore")
+            path = find_recipe(source)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        from flowalign.config_checks import load_yaml  # duplicate keys are refused, naming key and lines
+
+        data = load_yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
+        resolve_recipe_paths(data, path.parent)  # input paths are relative to the recipe file (recipe_paths.py)
     for key, value in parse_overrides(overrides):
         set_dotted(data, key, value)
     cfg = from_dict(Config, data)
@@ -381,26 +401,8 @@ def describe(cls: type = Config, prefix: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------------------------- prompts
-def load_prompts(spec: "list[str] | str", key: str = "sample.prompts") -> tuple[list[str], list[dict]]:
-    """Prompts and per-prompt metadata from a list or a .txt/.jsonl file (jsonl: 'prompt' + metadata keys)."""
-    if isinstance(spec, list):
-        return list(spec), [{} for _ in spec]
-    path = Path(spec)
-    if not path.is_file():
-        raise ConfigError(f"{key}={spec!r}: file not found (give a list of prompts or a .txt/.jsonl path)")
-    if path.suffix == ".jsonl":
-        prompts, meta = [], []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "prompt" not in row:
-                raise ConfigError(f"{key}: line {i + 1} of {spec} has no 'prompt' field")
-            prompts.append(str(row.pop("prompt")))
-            meta.append(row)
-        return prompts, meta
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return prompts, [{} for _ in prompts]
+# one prompt loader (list, .txt, .jsonl, .csv) for config checks, methods, eval and tools; re-exported here
+from flowalign.data import load_prompts  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -427,9 +429,13 @@ def _registered(registry, name: str, path: str) -> None:
 def _validate(cfg: Config) -> None:
     from flowalign import sde
     from flowalign.advantages import ADVANTAGES, resolve_estimator
+    from flowalign.config_checks import check_fields
     from flowalign.schedules import SCHEDULES, make_plan
 
     s, t = cfg.sample, cfg.train
+    _registered(SCHEDULES, s.schedule, "sample.schedule")
+    # finite numbers, ranges, option maps against signatures, names resolved (flowalign.config_checks)
+    check_fields(cfg)
     _positive(cfg, "sample.prompts_per_round", "sample.group_size", "sample.num_steps", "sample.batch_size",
               "train.lr", "train.updates_per_iteration", "train.num_inner_epochs", "train.batch_size",
               "train.clip_range", "train.clip_range_lt", "train.clip_range_gt", "train.adv_clip_max",
@@ -497,7 +503,7 @@ def _validate(cfg: Config) -> None:
     # advantages
     a = t.advantage
     try:
-        name, _ = resolve_estimator(a.estimator, a.std, a.baseline, a.per_reward, a.eps, a.kwargs)
+        name, _ = resolve_estimator(a.estimator, a.std, a.baseline, a.per_reward, a.eps, a.kwargs, a.ddof)
     except ValueError as e:
         raise ConfigError(f"train.advantage: {e}") from None
     _registered(ADVANTAGES, name, "train.advantage.estimator")
@@ -533,20 +539,16 @@ def _offline_method(name: str) -> bool:
 
 
 def _check_adapter(name: str) -> None:
-    """``model.adapter`` must be registered (adapters register when ``flowalign.pipelines.<name>`` is imported)."""
-    import importlib
-
+    """``model.adapter`` must name an adapter: registered (``get_adapter`` registers the built-ins on first use)
+    or a ``"package.module:Class"`` string, imported when the model is loaded."""
     if ":" in name:
         return
-    from flowalign.adapter import ADAPTERS
+    from flowalign.adapter import get_adapter
 
-    if name not in ADAPTERS:
-        try:
-            importlib.import_module(f"flowalign.pipelines.{name}")
-        except ImportError as e:
-            if e.name != f"flowalign.pipelines.{name}":
-                raise
-    _registered(ADAPTERS, name, "model.adapter")
+    try:
+        get_adapter(name)
+    except ValueError as e:
+        raise ConfigError(f"model.adapter: {e}") from None
 
 
 def _check_rewards(cfg: Config) -> None:

@@ -43,15 +43,10 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from flowalign import sde
 
-from flowalign.adapter import Adapter, Cond
+from flowalign.adapter import Adapter, Cond, deterministic_kernel
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-def deterministic_kernel(adapter: Adapter) -> str:
-    """The family's deterministic sampler: Euler ``ode`` for flow models, ``ddim`` (eta 0) for epsilon models."""
-    return "ode" if adapter.prediction_type == "flow" else "ddim"
-
-
 def check_kernel(adapter: Adapter, kernel: str) -> None:
     """ValueError when ``kernel`` does not fit the adapter's prediction type (``ddim`` needs epsilon models)."""
     sde.KERNELS.get(kernel)
@@ -84,7 +79,7 @@ def leap(adapter: Adapter, x: Tensor, out: Tensor, sigma_from, sigma_to) -> Tens
     Flow: ``x + (sigma_to - sigma_from) v`` (LeapAlign arXiv 2604.15311, leap ``x_{t2} = x_{t1} + (t2 - t1) v``);
     epsilon: the DDIM eta=0 jump ``sqrt(ab') x0_hat + sqrt(1 - ab') eps``.
     """
-    return transition(deterministic_kernel(adapter), x, out, sigma_from, sigma_to)
+    return transition(deterministic_kernel(adapter.prediction_type)[0], x, out, sigma_from, sigma_to)
 
 
 def predict_x0(adapter: Adapter, x: Tensor, out: Tensor, sigma) -> Tensor:
@@ -94,7 +89,7 @@ def predict_x0(adapter: Adapter, x: Tensor, out: Tensor, sigma) -> Tensor:
 
 def renoise(adapter: Adapter, x0: Tensor, noise: Tensor, sigma) -> Tensor:
     """``x0`` forward-noised to ``sigma``: ``(1 - s) x0 + s eps`` (flow) or ``sqrt(1 - s^2) x0 + s eps`` (epsilon)."""
-    s = sde._per_sample(sigma, x0)
+    s = sde.per_sample(sigma, x0)
     keep = (1 - s) if adapter.prediction_type == "flow" else torch.sqrt(1 - s**2)
     return (keep * x0 + s * noise.to(x0.dtype)).to(x0.dtype)
 
@@ -217,7 +212,7 @@ def integrate(adapter: Adapter, x: Tensor, cond: Cond, sigmas: Tensor, guidance:
     bad = [i for i in capture if not start <= i <= stop]
     if bad:
         raise ValueError(f"capture indices {bad} must lie in [start={start}, stop={stop}]")
-    kernel = kernel or deterministic_kernel(adapter)
+    kernel = kernel or deterministic_kernel(adapter.prediction_type)[0]
     stochastic = sde.is_stochastic(kernel, noise_level)
     want = {int(i) for i in capture}
     states: dict[int, Tensor] = {}

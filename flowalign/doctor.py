@@ -23,9 +23,7 @@ gives the same bits in rollout and training forwards on GPU (cuDNN/cuBLAS otherw
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,55 +32,15 @@ from typing import Any
 import torch
 
 from flowalign import sde
-from flowalign.rollout import sample, step_log_prob
+from flowalign.adapter import Adapter, adapter_from_config, deterministic_kernel, resolve_dtype
+from flowalign.determinism import restore_determinism, set_deterministic  # noqa: F401  (public here too)
+from flowalign.rollout import Trajectory, sample, step_log_prob
 from flowalign.schedules import make_plan
 
 #: per model dtype: (ode_parity, ratio_one, batch_invariance) tolerances
 TOLERANCES = {torch.float32: (1e-4, 1e-6, 1e-5), torch.float16: (5e-2, 1e-3, 1e-2),
               torch.bfloat16: (1e-1, 5e-3, 5e-2)}
 FALLBACK_PROMPTS = ["a red circle", "two blue squares left of a green triangle", "a photo of a cat"]
-
-
-# ----------------------------------------------------------------------------------------------- determinism
-def set_deterministic(enabled: bool = True) -> dict[str, Any]:
-    """Select deterministic kernels (or undo it); returns the previous settings for ``restore_determinism``.
-
-    ``torch.use_deterministic_algorithms`` (errors on ops without a deterministic implementation), cuDNN
-    deterministic without autotuning, TF32 and reduced-precision reductions off, and ``CUBLAS_WORKSPACE_CONFIG``
-    (needed by deterministic cuBLAS; set only when absent, before the first cuBLAS call).
-    """
-    cuda = torch.backends.cuda.matmul
-    prev = {
-        "algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cudnn_deterministic": torch.backends.cudnn.deterministic,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-        "matmul_tf32": cuda.allow_tf32,
-        "fp16_reduction": cuda.allow_fp16_reduced_precision_reduction,
-        "bf16_reduction": cuda.allow_bf16_reduced_precision_reduction,
-    }
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
-    torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled and prev["cudnn_benchmark"]
-    torch.backends.cudnn.allow_tf32 = not enabled and prev["cudnn_tf32"]
-    cuda.allow_tf32 = not enabled and prev["matmul_tf32"]
-    cuda.allow_fp16_reduced_precision_reduction = not enabled and prev["fp16_reduction"]
-    cuda.allow_bf16_reduced_precision_reduction = not enabled and prev["bf16_reduction"]
-    return prev
-
-
-def restore_determinism(prev: dict[str, Any]) -> None:
-    """Undo ``set_deterministic`` with the settings it returned."""
-    cuda = torch.backends.cuda.matmul
-    torch.use_deterministic_algorithms(prev["algorithms"])
-    torch.backends.cudnn.deterministic = prev["cudnn_deterministic"]
-    torch.backends.cudnn.benchmark = prev["cudnn_benchmark"]
-    torch.backends.cudnn.allow_tf32 = prev["cudnn_tf32"]
-    cuda.allow_tf32 = prev["matmul_tf32"]
-    cuda.allow_fp16_reduced_precision_reduction = prev["fp16_reduction"]
-    cuda.allow_bf16_reduced_precision_reduction = prev["bf16_reduction"]
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -109,39 +67,18 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def deterministic_kernel(adapter) -> str:
-    return "ode" if adapter.prediction_type == "flow" else "ddim"
-
-
-def pipeline_call_kwargs(adapter, guidance: float) -> dict[str, Any]:
-    """Keyword arguments that make ``adapter.pipe.__call__`` sample what the adapter samples: the adapter's own
-    ``pipeline_call_kwargs(guidance)`` when it has one, else its height/width/num_frames/sequence length/true CFG
-    attributes that the pipeline's ``__call__`` accepts."""
-    if hasattr(adapter, "pipeline_call_kwargs"):
-        return dict(adapter.pipeline_call_kwargs(guidance))
-    params = inspect.signature(adapter.pipe.__call__).parameters
-    kw: dict[str, Any] = {}
-    for name in ("height", "width", "num_frames", "max_sequence_length", "true_cfg_scale"):
-        if name in params and hasattr(adapter, name):
-            kw[name] = getattr(adapter, name)
-    if "guidance_scale" in params:
-        kw["guidance_scale"] = guidance
-    if kw.get("true_cfg_scale", 1.0) > 1.0 and "negative_prompt" in params:
-        kw["negative_prompt"] = ""
-    return kw
-
-
 @torch.no_grad()
-def check_ode_parity(adapter, prompts: Sequence[str], num_steps: int, guidance: float, tol: float,
+def check_ode_parity(adapter: Adapter, prompts: Sequence[str], num_steps: int, guidance: float, tol: float,
                      seed: int = 0) -> Check:
-    """Final latents of the adapter's deterministic chain vs the pipeline's ``__call__`` (same seed)."""
-    kernel = deterministic_kernel(adapter)
-    traj = sample(adapter, list(prompts), num_steps=num_steps, kernel=kernel, noise_level=0.0,
+    """Final latents of the adapter's deterministic chain vs the pipeline's ``__call__`` (same seed; the
+    pipeline's arguments from the adapter's ``pipeline_call_kwargs``)."""
+    kernel, level = deterministic_kernel(adapter.prediction_type)
+    traj = sample(adapter, list(prompts), num_steps=num_steps, kernel=kernel, noise_level=level,
                   plan=make_plan("all", num_steps, fraction=1.0), guidance=guidance, generator=_gen(seed),
                   decode=False)
     adapter.pipe.set_progress_bar_config(disable=True)
     ref = adapter.pipe(prompt=list(prompts), num_inference_steps=num_steps, generator=_gen(seed), output_type="latent",
-                       return_dict=False, **pipeline_call_kwargs(adapter, guidance))[0]
+                       return_dict=False, **adapter.pipeline_call_kwargs(guidance))[0]
     ours = traj.latents[:, -1]
     if tuple(ref.shape) != tuple(ours.shape):
         return Check("ode_parity", math.inf, tol, error=f"shape {tuple(ours.shape)} vs pipeline {tuple(ref.shape)}")
@@ -151,8 +88,8 @@ def check_ode_parity(adapter, prompts: Sequence[str], num_steps: int, guidance: 
                                           f"chain moved {moved:.3g})")
 
 
-def check_ratio_one(adapter, prompts: Sequence[str], num_steps: int, kernel: str, noise_level: float,
-                    guidance: float, tol: float, seed: int = 1) -> tuple[Check, Any]:
+def check_ratio_one(adapter: Adapter, prompts: Sequence[str], num_steps: int, kernel: str, noise_level: float,
+                    guidance: float, tol: float, seed: int = 1) -> tuple[Check, Trajectory]:
     """Rollout (eval mode, one batch) vs training recomputation (train mode, grad on, batch 1 and halves)."""
     module = adapter.trainable_module()
     was_training = module.training
@@ -177,11 +114,11 @@ def check_ratio_one(adapter, prompts: Sequence[str], num_steps: int, kernel: str
 
 
 @torch.no_grad()
-def check_kl_zero(adapter, traj, lora: dict[str, Any] | None = None) -> tuple[Check, Check]:
+def check_kl_zero(adapter: Adapter, traj: Trajectory, lora: dict[str, Any] | None = None) -> tuple[Check, Check]:
     """Inject LoRA as the trainer does; KL(policy || LoRA-disabled reference) must be 0, and must move once the
     LoRA weights are perturbed."""
     from flowalign.losses import gaussian_kl
-    from flowalign.trainer import apply_lora, lora_disabled, tuner_layers
+    from flowalign.lora import apply_lora, lora_disabled, tuner_layers
 
     module = adapter.trainable_module()
     targets = (lora or {}).get("target_modules") or list(adapter.lora_target_modules)
@@ -220,7 +157,7 @@ def check_kl_zero(adapter, traj, lora: dict[str, Any] | None = None) -> tuple[Ch
 
 
 @torch.no_grad()
-def check_batch_invariance(adapter, prompts: Sequence[str], num_steps: int, guidance: float, tol: float,
+def check_batch_invariance(adapter: Adapter, prompts: Sequence[str], num_steps: int, guidance: float, tol: float,
                            seed: int = 2) -> Check:
     """``predict`` on a batch vs each row alone, at a mid-schedule noise level."""
     n = len(prompts)
@@ -234,7 +171,7 @@ def check_batch_invariance(adapter, prompts: Sequence[str], num_steps: int, guid
     return Check("batch_invariance", diff, tol, f"max |predict(batch of {n}) - predict(row by row)|")
 
 
-def run_checks(adapter, prompts: Sequence[str], num_steps: int = 4, kernel: str | None = None,
+def run_checks(adapter: Adapter, prompts: Sequence[str], num_steps: int = 4, kernel: str | None = None,
                noise_level: float | None = None, guidance: float = 1.0, tolerances: tuple | None = None,
                lora: dict[str, Any] | None = None) -> list[Check]:
     """Every check of the checklist (module docstring) on ``adapter``; a check that raises is a failed row."""
@@ -297,8 +234,9 @@ def doctor_parser() -> argparse.ArgumentParser:
 
 
 def doctor_main(argv: Sequence[str] | None = None) -> int:
-    from flowalign.config import ConfigError, load_config, load_prompts
-    from flowalign.trainer import _DTYPES, build_adapter, lora_settings
+    from flowalign.config import ConfigError, load_config
+    from flowalign.data import load_prompts
+    from flowalign.lora import lora_settings
 
     args = doctor_parser().parse_intermixed_args(argv)
     try:
@@ -314,8 +252,8 @@ def doctor_main(argv: Sequence[str] | None = None) -> int:
         prompts = FALLBACK_PROMPTS
     prompts = (prompts * args.prompts)[: max(1, args.prompts)]
     device = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
-    adapter = build_adapter(cfg, device)
-    dtype = _DTYPES[cfg.model.dtype]
+    adapter = adapter_from_config(cfg, device)
+    dtype = resolve_dtype(cfg.model.dtype)
     default = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     tols = tuple(d if v is None else v for d, v in zip(default, (args.tol_parity, args.tol_ratio, args.tol_batch)))
     steps = args.steps or min(cfg.sample.num_steps, 6)
@@ -327,7 +265,8 @@ def doctor_main(argv: Sequence[str] | None = None) -> int:
     checks = run_checks(adapter, prompts, num_steps=steps, kernel=s.kernel, noise_level=s.noise_level,
                         guidance=s.guidance, tolerances=tols, lora=lora)
     print(f"flowalign doctor: {cfg.model.adapter} from {cfg.model.path} ({cfg.model.dtype}, {device}), "
-          f"{len(prompts)} prompts, {steps} steps, guidance {s.guidance}")
+          f"{len(prompts)} prompts, {steps} steps, guidance {s.guidance}; policy: kernel {s.kernel} "
+          f"(noise level {s.noise_level}), log-prob density {s.density}, reduction {s.reduction}")
     print(format_table(checks))
     failed = [c.name for c in checks if not c.passed]
     if failed:

@@ -18,6 +18,13 @@ queue runs dry (the page polls).
 Served by uvicorn (FastAPI). Bound to loopback by default; any other address needs ``--token`` (sent once as
 ``?token=...``, then kept in a cookie). ``LabelServer`` runs the app in a background thread (D3PO ``serve: true``,
 tests).
+
+Cross-site defences (any page the annotator visits can send requests to a local server): every request must name
+an allowed ``Host`` (the bound address, plus the loopback names on a loopback bind: a DNS-rebinding page sends its
+own host name); state-changing calls (``POST``) must send ``Content-Type: application/json`` (a cross-site form or
+``text/plain`` fetch cannot), an ``Origin``, when present, equal to the server's own, and the per-session token
+that the served page embeds (``X-Label-Session`` header; ``LabelServer.session_token`` for scripted clients).
+Refusals are 403 (host, origin, session token) or 415 (content type) and change no label.
 """
 
 from __future__ import annotations
@@ -25,19 +32,26 @@ from __future__ import annotations
 import argparse
 import hmac
 import os
+import secrets
 import sys
 import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from starlette.requests import Request  # module level: FastAPI resolves the string annotations from here
 
 from flowalign import pairs as pf
 
+if TYPE_CHECKING:  # annotations only (sample_queue loads them lazily)
+    from flowalign.adapter import Adapter
+    from flowalign.config import Config
+
 TOKEN_ENV = "FLOWALIGN_LABEL_TOKEN"
 COOKIE = "flowalign_label_token"
+SESSION_HEADER = "x-label-session"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 class Queue:
@@ -98,18 +112,33 @@ class Queue:
 
 
 # ----------------------------------------------------------------------------------------------- app
+def _host_name(host: str) -> str:
+    """``"127.0.0.1:8765"`` -> ``"127.0.0.1"``, ``"[::1]:80"`` -> ``"::1"`` (lower case)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]")[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def create_app(folder: str | os.PathLike, labels: str | os.PathLike | None = None, annotator: str = "",
-               shuffle: bool = True, token: str | None = None):
+               shuffle: bool = True, token: str | None = None, allowed_hosts: Sequence[str] | None = None):
     """The FastAPI app: ``GET /`` page, ``GET /api/state``, ``POST /api/label {id, choice}``, ``POST /api/undo``,
-    ``GET /media/<path>`` (files of the folder)."""
+    ``GET /media/<path>`` (files of the folder).
+
+    ``allowed_hosts``: host names a request's ``Host`` may name (default: the loopback names); ``["*"]`` accepts
+    any (a wildcard bind, where ``--token`` is required). ``app.state.session_token`` is the per-session token that
+    state-changing calls must send as ``X-Label-Session`` (the page embeds it)."""
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 
     queue = Queue(folder, labels, annotator, shuffle)
     token = token or None
+    hosts = {_host_name(h) for h in (allowed_hosts if allowed_hosts is not None else LOOPBACK_NAMES)}
+    session = secrets.token_urlsafe(32)  # new per app: a forged request cannot know it
     app = FastAPI(title="flowalign label", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.queue = queue
+    app.state.session_token = session
 
     @app.middleware("http")
     async def check_token(request: Request, call_next):
@@ -125,9 +154,29 @@ def create_app(folder: str | os.PathLike, labels: str | os.PathLike | None = Non
             response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
         return response
 
+    @app.middleware("http")  # registered last, so it runs first: before the token check
+    async def same_origin_only(request: Request, call_next):
+        host = request.headers.get("host", "")
+        if "*" not in hosts and _host_name(host) not in hosts:  # DNS rebinding: the attacker's name in Host
+            return JSONResponse({"detail": f"Host {host!r} is not this server's address "
+                                           f"({', '.join(sorted(hosts))})"}, status_code=403)
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            origin = request.headers.get("origin")
+            if origin is not None and origin.rstrip("/").lower() != f"{request.url.scheme}://{host}".lower():
+                return JSONResponse({"detail": f"cross-origin request from {origin!r} refused"}, status_code=403)
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return JSONResponse({"detail": f"Content-Type must be application/json, got {ctype or 'none'!r}"},
+                                    status_code=415)
+            if not hmac.compare_digest(request.headers.get(SESSION_HEADER, "").encode(), session.encode()):
+                return JSONResponse({"detail": "missing or wrong session token (X-Label-Session): reload the page"},
+                                    status_code=403)
+        return await call_next(request)
+
     @app.get("/", response_class=HTMLResponse)
     def page():
-        return HTMLResponse(PAGE.replace("{{folder}}", _html_escape(str(queue.folder))))
+        return HTMLResponse(PAGE.replace("{{folder}}", _html_escape(str(queue.folder)))
+                            .replace("{{session}}", session))
 
     @app.get("/api/state")
     def state():
@@ -170,7 +219,7 @@ class LabelServer:
     def __init__(self, folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
                  token: str | None = None, create: bool = False, log_level: str = "warning", **app_kwargs: Any
                  ) -> None:
-        from flowalign.rewards.server import _bind, is_loopback
+        from flowalign.rewards.server import bind_socket, is_loopback
 
         if not token and not is_loopback(host):
             raise ValueError(f"refusing to serve labels on {host!r} without a token (--token or ${TOKEN_ENV}); "
@@ -180,9 +229,14 @@ class LabelServer:
             folder.mkdir(parents=True, exist_ok=True)
         if not folder.is_dir():
             raise ValueError(f"labelling folder {str(folder)!r} does not exist")
-        self.app = create_app(folder, token=token, **app_kwargs)
-        self.sock = _bind(host, port)
+        self.sock = bind_socket(host, port)
         self.port = self.sock.getsockname()[1]
+        bare = host.strip("[]")
+        wildcard = bare in ("0.0.0.0", "::", "")
+        allowed = ["*"] if wildcard else [bare, *(LOOPBACK_NAMES if is_loopback(bare) else ())]
+        self.app = create_app(folder, token=token, allowed_hosts=app_kwargs.pop("allowed_hosts", allowed),
+                              **app_kwargs)
+        self.session_token: str = self.app.state.session_token
         h = f"[{host}]" if ":" in host else host
         self.url = f"http://{h}:{self.port}/" + (f"?token={token}" if token else "")
         self.log_level = log_level
@@ -225,8 +279,8 @@ class LabelServer:
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-def sample_queue(cfg, out: str | os.PathLike, per_prompt: int = 2, auto_label: str | None = None,
-                 adapter=None, progress: bool = True) -> int:
+def sample_queue(cfg: Config, out: str | os.PathLike, per_prompt: int = 2, auto_label: str | None = None,
+                 adapter: Adapter | None = None, progress: bool = True) -> int:
     """Sample ``per_prompt`` images for every prompt of ``cfg.sample.prompts`` with the recipe's model and sampler
     (``sample.kernel/noise_level/num_steps/guidance``, seed ``cfg.seed``) and append all C(per_prompt, 2) pairs of
     each prompt to the labelling queue in ``out``. ``auto_label`` (a reward name, with ``cfg.reward.kwargs``) also
@@ -237,7 +291,7 @@ def sample_queue(cfg, out: str | os.PathLike, per_prompt: int = 2, auto_label: s
     import torch
     from tqdm.auto import tqdm
 
-    from flowalign.config import load_prompts
+    from flowalign.data import load_prompts
     from flowalign.eval.media import save_png, save_video
     from flowalign.methods.base import generator
     from flowalign.rollout import sample
@@ -247,9 +301,9 @@ def sample_queue(cfg, out: str | os.PathLike, per_prompt: int = 2, auto_label: s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if adapter is None:
-        from flowalign.trainer import build_adapter
+        from flowalign.adapter import adapter_from_config
 
-        adapter = build_adapter(cfg)
+        adapter = adapter_from_config(cfg)
     judge = None
     if auto_label:
         from flowalign.rewards.base import get_reward
@@ -347,6 +401,7 @@ def label_main(argv: Sequence[str] | None = None) -> int:
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>flowalign · label</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="label-session" content="{{session}}">
 <style>
  body{font-family:system-ui,sans-serif;margin:0;background:#111;color:#eee}
  header{display:flex;justify-content:space-between;padding:.6em 1em;background:#222;font-size:14px}
@@ -383,6 +438,7 @@ PAGE = """<!doctype html>
 <script>
 let state = null, busy = false;
 const $ = id => document.getElementById(id);
+const SESSION = document.querySelector('meta[name="label-session"]').content;
 function media(el, m) {
   el.dataset.key = m.key;
   el.innerHTML = "";
@@ -412,7 +468,8 @@ async function call(url, body) {
   busy = true; document.body.dataset.ready = "0";
   try {
     const r = await fetch(url, {method: body === undefined ? "GET" : "POST",
-      headers: {"Content-Type": "application/json"}, body: body === undefined ? undefined : JSON.stringify(body)});
+      headers: {"Content-Type": "application/json", "X-Label-Session": SESSION},
+      body: body === undefined ? undefined : JSON.stringify(body)});
     const s = await r.json();
     if (!r.ok) { alert(s.detail || r.statusText); await refresh(true); return; }
     render(s);

@@ -20,6 +20,7 @@ size or frame count, chosen == rejected. All problems are reported together in o
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -172,6 +173,39 @@ class LabelLog:
 
 
 # ----------------------------------------------------------------------------------------------- queue
+def wait_for_labels(path: str | os.PathLike, ids: Sequence[str], min_labeled: float = 1.0,
+                    timeout_s: float | None = None, poll_s: float = 1.0, progress: bool = False
+                    ) -> tuple["OrderedDict[str, Label]", float]:
+    """Poll the label log ``path`` until ``ceil(min_labeled * len(ids))`` of ``ids`` carry a label (any choice);
+    return ``(labels, seconds waited)``. ``TimeoutError`` after ``timeout_s`` (None: wait forever), naming the
+    folder and the command that serves it. ``progress`` shows a tqdm bar while waiting."""
+    path = Path(path)
+    need = math.ceil(min_labeled * len(ids))
+    t0 = time.monotonic()
+    bar = None
+    try:
+        while True:
+            labels = read_labels(path)
+            done = sum(i in labels for i in ids)
+            if done >= need:
+                return labels, time.monotonic() - t0
+            if bar is None and progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=need, desc=f"waiting for labels in {path.parent}", leave=False)
+            if bar is not None:
+                bar.n = done
+                bar.refresh()
+            if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"{done} of {len(ids)} pairs labelled in {path} after {timeout_s} s "
+                                   f"(need {need}, train.method_options.min_labeled={min_labeled}); is "
+                                   f"`flowalign label serve {path.parent}` running?")
+            time.sleep(poll_s)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def read_queue(folder: str | os.PathLike) -> list[dict]:
     """The labelling queue ``<folder>/pairs.jsonl`` (a torn last line, still being written, is ignored).
 
@@ -241,6 +275,47 @@ def load_media(path: str | os.PathLike) -> Tensor:
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def save_media(path: str | os.PathLike, media_u8: Tensor, fps: int = 8) -> None:
+    """Write uint8 media atomically: an image ``[C, H, W]`` as PNG (lossless), a video ``[T, C, H, W]`` as H.264
+    mp4 (yuv420p, faststart; odd sizes padded by edge pixels, 4:2:0 chroma needs even ones). The inverse of
+    ``load_media`` (to 8 bits; the same encoding as ``flowalign.eval.media``, kept here so writers of a labelling
+    queue need no eval)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = media_u8.cpu().numpy()
+    if media_u8.ndim == 3:
+        import io
+
+        from PIL import Image
+
+        img = arr.transpose(1, 2, 0)
+        buf = io.BytesIO()
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+        return
+    import av
+
+    arr = arr.transpose(0, 2, 3, 1)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    pad_h, pad_w = arr.shape[1] % 2, arr.shape[2] % 2
+    if pad_h or pad_w:
+        arr = np.pad(arr, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    tmp = path.with_name(path.name + ".tmp.mp4")
+    with av.open(str(tmp), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
+        stream.options = {"crf": "18", "preset": "medium"}
+        for frame in arr:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- dataset

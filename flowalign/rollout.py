@@ -21,7 +21,7 @@ from flowalign import sde, solvers
 from flowalign.registry import check_choice
 from flowalign.schedules import StepPlan, make_plan
 
-from flowalign.adapter import Adapter, Cond
+from flowalign.adapter import Adapter, Cond, deterministic_kernel
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Trajectory:
         """The (kernel, noise_level) used for transition ``i``."""
         if bool(self.sde_mask[i]):
             return self.kernel, self.noise_level
-        return ("ode", 0.0) if prediction_type == "flow" else ("ddim", 0.0)
+        return deterministic_kernel(prediction_type)
 
     def index(self, idx) -> "Trajectory":
         """Rows ``idx`` of every per-sample field."""
@@ -79,13 +79,15 @@ class Trajectory:
         return replace(self, **kw)
 
 
-def _deterministic_kernel(adapter: Adapter) -> tuple[str, float]:
-    return ("ode", 0.0) if adapter.prediction_type == "flow" else ("ddim", 0.0)
-
-
 def _chunks(n: int, batch_size: int | None):
     bs = batch_size or n
     return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
+
+
+def _schedule(sigmas: Tensor) -> Tensor:
+    """An adapter's sigmas on the CPU: float64 kept (epsilon adapters, see ``flowalign.sde`` ``FP64_KERNELS``),
+    anything else as fp32."""
+    return sigmas.cpu() if sigmas.dtype == torch.float64 else sigmas.float().cpu()
 
 
 @torch.no_grad()
@@ -126,7 +128,7 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
     if prompt_cond.batch_size != P:
         raise ValueError(f"cond has batch {prompt_cond.batch_size} but there are {P} prompts")
     cond_b = prompt_cond.repeat_interleave(G)
-    sigmas = adapter.sigmas(num_steps).float().cpu()
+    sigmas = _schedule(adapter.sigmas(num_steps))
     if sigmas.shape != (num_steps + 1,):
         raise ValueError(f"{type(adapter).__name__}.sigmas({num_steps}) must return num_steps + 1 = {num_steps + 1} "
                          f"levels, got shape {tuple(sigmas.shape)}")
@@ -148,7 +150,7 @@ def sample(adapter: Adapter, prompts: Sequence[str], group_size: int = 1, num_st
     latents[:, 0] = x
     log_probs = torch.zeros(B, num_steps, dtype=torch.float32, device=x.device)
     means = torch.zeros((B, num_steps, *x.shape[1:]), dtype=torch.float32, device=x.device) if return_means else None
-    det_kernel, det_level = _deterministic_kernel(adapter)
+    det_kernel, det_level = deterministic_kernel(adapter.prediction_type)
     chunks = _chunks(B, batch_size)
     nfe = 0
     prev_x0 = torch.empty(x.shape, dtype=torch.float32, device=x.device) if ode_solver == "dpm2" else None

@@ -21,6 +21,8 @@ Steps outside ``sde`` use the deterministic ODE kernel (log-prob 0); ``train`` i
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -125,7 +127,29 @@ def subsample(num_steps: int, fraction: float = 0.6, exclude_last: bool = True,
     return StepPlan(sde=torch.ones(num_steps, dtype=torch.bool), train=train)
 
 
+#: arguments every schedule receives from the caller, not from ``sample.schedule_options``
+_CALLER_ARGS = {"num_steps", "generator", "iteration"}
+
+
+def schedule_options(name: str) -> set[str] | None:
+    """The option names schedule ``name`` accepts (its keyword parameters minus ``num_steps``, ``generator``,
+    ``iteration``); None when it takes arbitrary ``**kwargs``. A ``**_`` catch-all (the built-ins') swallows the
+    caller's arguments only, so it does not make every option valid."""
+    params = inspect.signature(SCHEDULES.get(name)).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD and p.name != "_" for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - _CALLER_ARGS
+
+
 def make_plan(name: str, num_steps: int, generator: torch.Generator | None = None, iteration: int = 0,
               **options) -> StepPlan:
-    """Build the plan of schedule ``name`` (see module docstring) for one rollout round."""
+    """Build the plan of schedule ``name`` (see module docstring) for one rollout round. An option the schedule
+    does not take is a ValueError (a typo such as ``fration`` must not fall back to the default silently)."""
+    allowed = schedule_options(name)
+    unknown = sorted(set(options) - allowed) if allowed is not None else []
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(allowed or ()), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"schedule {name!r} has no option {unknown[0]!r}.{hint} "
+                         f"Options: {', '.join(sorted(allowed or ())) or '(none)'}")
     return SCHEDULES.get(name)(num_steps, generator=generator, iteration=iteration, **options)

@@ -19,9 +19,12 @@ Kernels (``KERNELS`` registry; each returns ``(mean, std)``, ``std`` broadcastab
 * ``ode`` -- Euler: ``mean = x + v dt``, ``std = 0``.
 * ``ddim`` -- DDIM with eta for epsilon models (DDPO, arXiv 2305.13301, ``ddim_step_with_logprob``):
   ``x0 = (x - sqrt(1 - ab) eps) / sqrt(ab)``, ``var = (1 - ab')/(1 - ab) (1 - ab/ab')``, ``std = eta sqrt(var)``,
-  ``mean = sqrt(ab') x0 + sqrt(1 - ab' - std^2) eps``.
+  ``mean = sqrt(ab') x0 + sqrt(1 - ab' - std^2) eps``. It runs in float64 (``FP64_KERNELS``): rebuilding
+  ``ab = 1 - sigma^2`` cancels catastrophically where ``ab`` is small (t >~ 900: ``ab`` ~ 5e-3), and fp32 there
+  moved re-sampled latents by ~1.5e-5 from DDPO's step. Epsilon adapters hand out float64 sigmas for the same
+  reason (the rollout keeps them), so ``ab`` is exact to ~1e-16.
 
-All arithmetic is fp32 ("bf16 can overflow here", flow_grpo). ``x_next`` is cast to the input dtype *before*
+All other arithmetic is fp32 ("bf16 can overflow here", flow_grpo). ``x_next`` is cast to the input dtype *before*
 its log-prob is taken, so recomputing the log-prob of a stored transition gives ratio == 1 exactly.
 
 Log-prob reduction over non-batch dims: ``"mean"`` (default; what flow_grpo, DanceGRPO and DDPO do -- the
@@ -51,6 +54,8 @@ from flowalign.registry import Registry, check_choice
 
 KernelFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], "tuple[Tensor, Tensor]"]
 KERNELS: Registry[KernelFn] = Registry("kernel")
+#: kernels whose arithmetic runs in float64 (mean/std are returned in the inputs' fp32-or-wider dtype)
+FP64_KERNELS: set[str] = {"ddim"}
 REDUCTIONS = ("mean", "sum")
 DENSITIES = ("gaussian", "unnormalized")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -66,7 +71,7 @@ class StepOut:
     log_prob: Tensor
 
 
-def _per_sample(value, x: Tensor) -> Tensor:
+def per_sample(value, x: Tensor) -> Tensor:
     """Scalar / [B] sigma -> tensor of x's dtype shaped [B, 1, ..., 1] broadcastable to x."""
     t = torch.as_tensor(value, dtype=x.dtype, device=x.device)  # a Python float must not pass through fp32
     if t.ndim == 0:
@@ -147,10 +152,11 @@ def mean_std(kind: str, x: Tensor, model_out: Tensor, sigma, sigma_next, noise_l
     if model_out.shape != x.shape:  # a broadcast here would silently give every row the same prediction
         raise ValueError(f"model_out must have x's shape {tuple(x.shape)}, got {tuple(model_out.shape)}")
     dt = torch.promote_types(torch.promote_types(x.dtype, model_out.dtype), torch.float32)
-    xf, mf = x.to(dt), model_out.to(dt)
-    s, s_next = _per_sample(sigma, xf), _per_sample(sigma_next, xf)
+    work = torch.float64 if kind in FP64_KERNELS else dt
+    xf, mf = x.to(work), model_out.to(work)
+    s, s_next = per_sample(sigma, xf), per_sample(sigma_next, xf)
     mean, std = fn(xf, mf, s, s_next, float(noise_level))
-    std = torch.as_tensor(std, dtype=dt, device=x.device)
+    mean, std = mean.to(dt), torch.as_tensor(std, device=x.device).to(dt)
     if std.ndim == 0:
         std = std.expand(x.shape[0]).view(-1, *([1] * (x.ndim - 1)))
     return mean, std

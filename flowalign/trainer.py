@@ -16,14 +16,16 @@ loss is already normalised by the global row count, so the update is the same fo
 FSDP (``accelerate launch --use_fsdp``, any ``fsdp_version``; GPU or CPU/gloo): the trainable module is sharded in
 place with FSDP2 ``fully_shard`` (each block named by ``FSDP_TRANSFORMER_CLS_TO_WRAP`` / the model's
 ``_no_split_modules``, then the root), so the adapter still calls its own module. FSDP reduce-scatters the
-gradients as a SUM (divide factor 1, sum-only collectives: our loss is globally normalised) and ``_sum_grads`` is
-skipped. Every rank must run the same forwards/backwards in the same order, so micro-batch lists are padded to the
-longest rank with zero-weighted repeats, and eval runs with the weights gathered (ranks evaluate different prompt
-counts). Checkpoints hold full tensors in the same files as a single process: a run can be resumed at any process
-count, sharded or not. DeepSpeed needs CUDA and is refused with a clear error.
+gradients as a SUM (divide factor 1, sum-only collectives: our loss is globally normalised) and the explicit
+gradient sum is skipped. Every rank must run the same forwards/backwards in the same order, so micro-batch lists are
+padded to the longest rank with zero-weighted repeats, and eval runs with the weights gathered (ranks evaluate
+different prompt counts). Checkpoints hold full tensors in the same files as a single process: a run can be resumed
+at any process count, sharded or not. DeepSpeed needs CUDA and is refused with a clear error. The collectives and
+the FSDP plumbing live in ``flowalign.distributed``.
 
 The reference policy for KL terms is the same network with the LoRA adapters disabled (flow_grpo
-``disable_adapter()``); for full fine-tuning a frozen copy of the initial weights is swapped in.
+``disable_adapter()``); for full fine-tuning a frozen copy of the initial weights is swapped in. LoRA injection,
+the reference swaps and trainable-weight loading live in ``flowalign.lora`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -32,189 +34,41 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from flowalign import checkpoint as ckpt
+from flowalign import distributed as dist
+from flowalign import guards, trackers
+from flowalign.adapter import Adapter, adapter_from_config
 from flowalign.config import Config
+from flowalign.distributed import fsdp_requested, full_tensor, shard_like, shard_module
 from flowalign.ema import EMA
+# apply_lora and tuner_layers are re-exported: doctor, eval tests and benchmarks import them from here
+from flowalign.lora import (apply_lora, load_trainable, lora_disabled, lora_settings,  # noqa: F401
+                            tuner_layers, weights_copied, weights_swapped)
 from flowalign.methods import METHODS, Collected, Method, Runtime, TrainState
 from flowalign.registry import import_string
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 # ----------------------------------------------------------------------------------------------- building
-def build_adapter(cfg: Config, device: torch.device | str = "cpu"):
-    """Load ``cfg.model.adapter`` from ``cfg.model.path`` through the adapter's ``from_pretrained``."""
-    import importlib
-
-    from flowalign.adapter import ADAPTERS
-
-    name = cfg.model.adapter
-    if name not in ADAPTERS and ":" not in name:
-        try:  # adapters register on import of their module (flowalign.pipelines.<name>)
-            importlib.import_module(f"flowalign.pipelines.{name}")
-        except ImportError as e:
-            if e.name != f"flowalign.pipelines.{name}":
-                raise
-    cls = ADAPTERS.get(name)
-    return cls.from_pretrained(cfg.model.path, torch_dtype=_DTYPES[cfg.model.dtype], device=device,
-                               **cfg.model.kwargs)
+def build_adapter(cfg: Config, device: torch.device | str = "cpu") -> Adapter:
+    """Load ``cfg.model.adapter`` from ``cfg.model.path`` (``flowalign.adapter.adapter_from_config``: the one
+    ``load_adapter``, ``model.dtype`` from ``DTYPES``)."""
+    return adapter_from_config(cfg, device)
 
 
-def build_reward(cfg: Config, device: torch.device | str = "cpu"):
-    """``Compose`` of ``cfg.reward.weights`` with per-reward kwargs (components are logged separately)."""
-    from flowalign.rewards.base import Compose
+def build_reward(cfg: Config, device: torch.device | str = "cpu", inline: dict[str, Any] | None = None):
+    """``Compose`` of ``cfg.reward.weights`` with per-reward kwargs (components are logged separately);
+    ``inline``: reward objects / callables by name (``train(rewards=[fn, ...])``, ``flowalign.api``)."""
+    from flowalign.api import build_rewards
 
-    dev = cfg.reward.device or str(device)
-    spec = {}
-    for name, w in cfg.reward.weights.items():
-        kw = dict(cfg.reward.kwargs.get(name, {}))
-        if not name.startswith("remote:"):
-            kw.setdefault("device", dev)
-        spec[name] = {"weight": w, **kw}
-    return Compose(spec, device=dev)
-
-
-def lora_settings(cfg: Config, adapter) -> dict[str, Any]:
-    """Rank/alpha/targets: the config's, else the adapter family's defaults (flow_grpo: SD3/Wan r32/a64 attention,
-    FLUX r64/a128 attention + FF). Overriding only the rank keeps the adapter's alpha/rank ratio."""
-    lo = cfg.model.lora
-    rank = lo.rank or adapter.lora_rank
-    alpha = lo.alpha if lo.alpha is not None else adapter.lora_alpha * rank / adapter.lora_rank
-    targets = lo.target_modules or list(adapter.lora_target_modules)
-    if not targets:
-        raise ValueError(f"adapter {type(adapter).__name__} declares no lora_target_modules; "
-                         "set model.lora.target_modules")
-    init: Any = {"default": True, "true": True, "false": False}.get(str(lo.init).lower(), lo.init)
-    return {"r": int(rank), "lora_alpha": float(alpha), "target_modules": targets, "init_lora_weights": init,
-            "lora_dropout": lo.dropout}
-
-
-def apply_lora(module: nn.Module, settings: dict[str, Any]) -> nn.Module:
-    """Freeze ``module`` and inject peft LoRA layers in place (the adapter keeps calling the same module)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    module.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(**settings), module, adapter_name="default")
-    for n, p in module.named_parameters():
-        p.requires_grad_("lora_" in n)
-    return module
-
-
-def tuner_layers(module: nn.Module) -> list:
-    """The peft tuner (LoRA) layers inside ``module``."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-
-
-@contextlib.contextmanager
-def lora_disabled(module: nn.Module, layers: list | None = None) -> Iterator[None]:
-    """The base model: every peft tuner layer of ``module`` bypassed (flow_grpo ``disable_adapter()``)."""
-    layers = tuner_layers(module) if layers is None else layers
-    flags = [m.disable_adapters for m in layers]
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for m, was_disabled in zip(layers, flags):
-            m.enable_adapters(not was_disabled)
-
-
-@contextlib.contextmanager
-def weights_swapped(params: list[nn.Parameter], frozen: list[torch.Tensor]) -> Iterator[None]:
-    """Point ``params`` at ``frozen`` tensors (full fine-tuning reference) and back; no copies."""
-    live = [p.data for p in params]
-    for p, f in zip(params, frozen):
-        p.data = f
-    try:
-        yield
-    finally:
-        for p, d in zip(params, live):
-            p.data = d
-
-
-@contextlib.contextmanager
-@torch.no_grad()
-def weights_copied(params: list[nn.Parameter], frozen: list[torch.Tensor]) -> Iterator[None]:
-    """``weights_swapped`` for FSDP: sharded parameters must be written in place (FSDP all-gathers from their own
-    storage, a ``.data`` swap would go unseen); restored bit-exactly."""
-    live = [p.detach().clone() for p in params]
-    for p, f in zip(params, frozen):
-        p.copy_(f)
-    try:
-        yield
-    finally:
-        for p, d in zip(params, live):
-            p.copy_(d)
-
-
-# ----------------------------------------------------------------------------------------------- FSDP
-def fsdp_requested(accelerator) -> bool:
-    """Whether ``accelerate launch`` asked for FSDP. accelerate reports ``DistributedType.FSDP`` only on GPUs; on a
-    CPU (gloo) launch the request survives only in ``ACCELERATE_USE_FSDP``."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP or (
-        accelerator.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
-
-
-def shard_module(module: nn.Module, device: torch.device, world_size: int,
-                 reshard_after_forward: bool = True) -> list[nn.Module]:
-    """FSDP2-shard ``module`` in place over ``world_size`` ranks on ``device``'s type (explicit: a CPU run on a
-    GPU host must not get a CUDA mesh): each block, then the root (the rest); returns the FSDP modules.
-
-    Blocks: the classes in ``FSDP_TRANSFORMER_CLS_TO_WRAP`` (``--fsdp_transformer_layer_cls_to_wrap``), else the
-    model's ``_no_split_modules`` (diffusers/transformers), else the children of every ``nn.ModuleList``.
-    Gradients are reduced as a plain SUM: the methods normalise the loss by the global row count.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    mesh = init_device_mesh(device.type, (world_size,))
-    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or ",".join(getattr(module, "_no_split_modules", None)
-                                                                        or [])
-    wanted = {n.strip() for n in names.split(",") if n.strip()}
-    if wanted:
-        blocks = [m for m in module.modules() if m is not module and type(m).__name__ in wanted]
-    else:
-        blocks = [c for m in module.modules() if isinstance(m, nn.ModuleList) for c in m.children()]
-    outer = [b for b in blocks if not any(a is not b and _contains(a, b) for a in blocks)]  # no nesting
-    for b in outer:
-        fully_shard(b, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    mods = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    for m in mods:
-        m.set_gradient_divide_factor(1.0)
-        m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; factor 1 makes it a plain SUM
-    return mods
-
-
-def _contains(outer: nn.Module, inner: nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP shard (a collective: every rank must call it, in the same order)."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out as the (possibly sharded) ``like``; every rank holds ``full``, so no communication."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(like, DTensor):
-        return full
-    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+    return build_rewards(cfg, device, inline)
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -224,33 +78,56 @@ class Trainer:
     ``adapter`` and ``reward_fn`` may be passed in (tests, notebooks); otherwise they are built from ``cfg``.
     """
 
-    def __init__(self, cfg: Config, adapter=None, reward_fn=None) -> None:
+    def __init__(self, cfg: "Config | str | os.PathLike | dict", adapter=None, reward_fn=None, *, rewards: Any = None,
+                 prompts: Any = None, overrides: Sequence[str] | None = None, overwrite: bool = False,
+                 allow_config_change: Sequence[str] = ()) -> None:
+        """``cfg``: a ``Config``, a recipe path or shipped name, or a dict; ``rewards`` (callables, names,
+        ``Reward`` objects), ``prompts`` (any ``load_prompts`` source) and ``overrides``: ``flowalign.api``.
+        ``overwrite``: a fresh run may take over an output directory that holds another run (moved aside,
+        ``flowalign.guards``); ``allow_config_change``: config keys a resume may change (``--allow-config-change``).
+        """
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, set_seed
 
+        self._inline_rewards: dict[str, Any] = {}
+        if (not isinstance(cfg, Config) or rewards is not None or prompts is not None or overrides
+                or (reward_fn is not None and not cfg.reward.weights)):
+            from flowalign.api import prepare
+
+            cfg, self._inline_rewards = prepare(cfg, rewards, prompts, overrides, reward_fn)
+            if any(r is reward_fn for r in self._inline_rewards.values()):
+                reward_fn = None  # wrapped into the Compose below: named, weighted, logged per component
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         # accelerate only sets up a CPU (gloo) process group when asked for CPU; without it, torchrun on a
         # machine without GPUs silently starts independent single-process runs
-        cpu = cfg.cpu or (launched > 1 and not _has_accelerator())
+        cpu = cfg.cpu or (launched > 1 and not dist.has_accelerator())
         self.accelerator = acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
-                                             log_with=cfg.log.trackers or None, project_dir=str(self.output_dir))
+                                             log_with=trackers.log_with(cfg.log, self.output_dir),
+                                             project_dir=str(self.output_dir))
         if acc.num_processes != launched:
             raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate set up {acc.num_processes} "
                                "process(es); check the launcher / accelerate config")
         if acc.distributed_type == DistributedType.DEEPSPEED:
-            raise NotImplementedError("DeepSpeed is not supported; shard with FSDP instead (accelerate launch "
-                                      "--use_fsdp) or launch plain data-parallel (accelerate launch --multi_gpu)")
+            raise NotImplementedError(
+                "DeepSpeed (accelerate launch --use_deepspeed) is not supported by flowalign's trainer; FSDP is the "
+                "equivalent: ZeRO-2 -> `accelerate launch --use_fsdp --fsdp_sharding_strategy SHARD_GRAD_OP`, "
+                "ZeRO-3 -> `--use_fsdp --fsdp_sharding_strategy FULL_SHARD` (docs/migration from flow_grpo), or "
+                "plain data-parallel with `accelerate launch --multi_gpu`")
         self.fsdp = fsdp_requested(acc)
         if self.fsdp and cfg.train.adam_8bit:
             raise ValueError("train.adam_8bit does not work on FSDP-sharded parameters; set train.adam_8bit=false")
         if cfg.deterministic:  # before any kernel runs (cuBLAS reads its workspace config once)
-            from flowalign.doctor import set_deterministic
+            from flowalign.determinism import set_deterministic
 
             set_deterministic(True)
         set_seed(cfg.seed)  # LoRA init etc.: identical on every process
         self.device = acc.device
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.output_dir / "checkpoints"
+        self.jsonl = Path(cfg.log.jsonl) if cfg.log.jsonl else self.output_dir / "metrics.jsonl"
+        # before the model loads: a used output dir, a damaged checkpoint or a changed config fail fast
+        self._resume_path, self.config_changes = self._check_run(overwrite, allow_config_change)
 
         self.adapter = adapter if adapter is not None else build_adapter(cfg, self.device)
         self.module = self.adapter.trainable_module()
@@ -259,9 +136,11 @@ class Trainer:
         self._setup_params()
         self.fsdp_modules: list[nn.Module] = self._shard() if self.fsdp else []
 
-        self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg, self.device)
+        self.reward_fn = (reward_fn if reward_fn is not None
+                          else build_reward(cfg, self.device, self._inline_rewards))
         self.runtime = Runtime(device=self.device, rank=acc.process_index, world_size=acc.num_processes,
-                               seed=cfg.seed, gather=self._gather, autocast=acc.autocast, reference=self.reference)
+                               seed=cfg.seed, gather=self._gather, autocast=acc.autocast, reference=self.reference,
+                               progress=self._inner_bar)
         self.method: Method = METHODS.get(cfg.train.method)(cfg, self.adapter, self.reward_fn, self.runtime)
         self.method.check_world(acc.num_processes)
 
@@ -286,17 +165,62 @@ class Trainer:
         self.ema = EMA(self.params, cfg.ema.decay, cfg.ema.interval) if cfg.ema.enabled else None
         self.state = TrainState()
         self.eval_fn: Callable[["Trainer"], dict] = import_string(cfg.eval.fn)
-        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.output_dir / "checkpoints"
         self.history: list[dict] = []
         self._elapsed_before = 0.0
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
-        self.jsonl = Path(cfg.log.jsonl) if cfg.log.jsonl else self.output_dir / "metrics.jsonl"
-        if cfg.log.trackers:
-            acc.init_trackers(cfg.log.project, config=_flat(cfg.to_dict()))
-        if cfg.resume:
-            self.load_checkpoint(ckpt.resolve(cfg.resume, self.ckpt_dir))
+        trackers.start(acc, cfg.log, cfg.to_dict())  # log.trackers/project/run_name/init_kwargs
+        if self._resume_path is not None:
+            self.load_checkpoint(self._resume_path)
+            self._apply_config_changes()
+
+    # ------------------------------------------------------------------------------------------- run guards
+    def _check_run(self, overwrite: bool, allow: Sequence[str]) -> tuple[Path | None, list[tuple[str, Any, Any]]]:
+        """A fresh run: refuse a used output dir unless ``overwrite`` (then move the old run aside). A resume:
+        the newest intact checkpoint (``ckpt.resolve``; None = none yet, start afresh) and the allowed config
+        changes against the checkpoint's config (``guards.resume_changes`` refuses the others)."""
+        cfg, acc = self.cfg, self.accelerator
+        if not cfg.resume:
+            if guards.run_files(self.output_dir, self.jsonl, self.ckpt_dir) and not overwrite:
+                guards.prepare_output_dir(self.output_dir, self.jsonl, self.ckpt_dir, overwrite=False)  # raises
+            if acc.is_main_process:
+                aside = guards.prepare_output_dir(self.output_dir, self.jsonl, self.ckpt_dir, overwrite=True)
+                if aside is not None:
+                    print(f"--overwrite: the previous run in {self.output_dir} was moved to {aside}", file=sys.stderr)
+            acc.wait_for_everyone()
+            return None, []
+        path = ckpt.resolve(cfg.resume, self.ckpt_dir)
+        if path is None:  # killed before its first checkpoint: start afresh, without the killed run's rows
+            if acc.is_main_process:
+                print(f"warning: --resume {cfg.resume}: no checkpoint under {self.ckpt_dir}; starting afresh",
+                      file=sys.stderr)
+                ckpt.truncate_log(self.jsonl, 0)
+            return None, []
+        old = json.loads((path / "state.json").read_text()).get("config") or {}
+        changes = guards.resume_changes(old, cfg.to_dict(), allow, where=str(path), defaults=Config().to_dict())
+        if acc.is_main_process:
+            for key, a, b in changes:
+                print(f"--resume: config change {key}: {a!r} -> {b!r}", file=sys.stderr)
+        return path, changes
+
+    def _apply_config_changes(self) -> None:
+        """After loading a checkpoint: the optimizer hyper-parameters and the LR schedule of the *new* config
+        (the loaded optimizer/scheduler state carries the old lr, betas, ...; the schedule's lambdas are already
+        the new config's, its ``base_lrs`` are not). LambdaLR: lr = base_lr * lambda(last_epoch)."""
+        keys = ("train.lr", "train.betas", "train.weight_decay", "train.adam_eps", "train.lr_scheduler",
+                "train.warmup_steps", "max_iterations", "train.updates_per_iteration", "train.num_inner_epochs")
+        if not any(k == c or k.startswith(c + ".") or c.startswith(k + ".") for c, _, _ in self.config_changes
+                   for k in keys):
+            return
+        t, sched = self.cfg.train, self.lr_scheduler
+        for g in self.optimizer.param_groups:
+            g.update(betas=tuple(t.betas), weight_decay=t.weight_decay, eps=t.adam_eps, initial_lr=t.lr)
+        sched.base_lrs = [t.lr] * len(sched.base_lrs)
+        lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        sched._last_lr = lrs  # what get_last_lr() (the logged lr) reports until the next step
 
     # ------------------------------------------------------------------------------------------- params
     def _setup_params(self) -> None:
@@ -324,8 +248,7 @@ class Trainer:
 
     def _shard(self) -> list[nn.Module]:
         """FSDP: shard the trainable module; its parameters become new (DTensor) objects, so re-collect them."""
-        after = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()  # v1 names a sharding strategy
-        self._reshard_after_forward = after not in ("false", "shard_grad_op", "no_shard")
+        self._reshard_after_forward = dist.reshard_after_forward_requested()
         mods = shard_module(self.module, torch.device(self.device), self.accelerator.num_processes,
                             reshard_after_forward=self._reshard_after_forward)
         named = dict(self.module.named_parameters())
@@ -335,17 +258,7 @@ class Trainer:
         return mods
 
     def _load_weights(self, path: str) -> None:
-        from safetensors.torch import load_file
-
-        p = Path(path)
-        file = p / "weights.safetensors" if p.is_dir() else p
-        state = load_file(str(file))
-        missing = [n for n in self.param_names if n not in state]
-        if missing:
-            raise ValueError(f"{file} lacks {len(missing)} trainable parameters, e.g. {missing[:3]}")
-        with torch.no_grad():
-            for n, prm in zip(self.param_names, self.params):
-                prm.copy_(shard_like(state[n], prm))
+        load_trainable(path, self.param_names, self.params)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable parameters by name, whole (under FSDP a collective: call it on every rank)."""
@@ -368,39 +281,10 @@ class Trainer:
         return self.accelerator.gather(t.contiguous()) if self.accelerator.num_processes > 1 else t
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.accelerator.num_processes == 1:
-            return t
-        out = t.to(self.device)
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
-        return out.to(t.device)
+        return dist.all_reduce(t, "sum", self.device, self.accelerator.num_processes)
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
-        if self.accelerator.num_processes == 1:
-            return t
-        out = t.to(self.device)
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
-        return out.to(t.device)
-
-    def _sum_grads(self) -> None:
-        """Sum the trainable gradients over processes (the method's loss is globally normalised).
-
-        One flat all-reduce carries the gradients plus a has-grad flag per parameter, so a parameter that no
-        process touched keeps ``grad=None`` (AdamW then skips it, exactly as in a single process).
-        """
-        if self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flags = torch.tensor([float(p.grad is not None) for p in self.params], device=self.device)
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [flags])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[offset: offset + n].view_as(p).to(p.dtype).clone()
-            offset += n
-        for p, used in zip(self.params, flat[offset:].tolist()):
-            if used == 0:
-                p.grad = None
+        return dist.all_reduce(t, "max", self.device, self.accelerator.num_processes)
 
     # ------------------------------------------------------------------------------------------- loop
     def step(self) -> dict[str, Any]:
@@ -408,22 +292,30 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         t0 = time.perf_counter()
         self.module.eval()
-        col: Collected = self.method.collect(self.state)
+        from flowalign.rewards.base import NonFiniteRewardError  # the reward library's "reward NAME gave NaN"
+
+        it = self.state.iteration + 1
+        try:
+            col: Collected = self.method.collect(self.state)
+        except NonFiniteRewardError as e:
+            raise guards.NonFiniteError(f"iteration {it}: non-finite reward: {e}") from e
         t1 = time.perf_counter()
         self.module.train()
         by_update: dict[int, list[tuple[Any, float]]] = {}  # update -> (batch, loss scale)
         for b in col.batches:
             by_update.setdefault(b.update, []).append((b, 1.0))
         if self.fsdp:
-            self._pad_batches(by_update, col.num_updates)
+            dist.pad_batches(by_update, col.num_updates, self.all_reduce_max, acc.process_index)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}  # per key: a metric may come from some micro-batches only
         grad_norms, losses = [], []
         self.optimizer.zero_grad(set_to_none=True)
-        for u in range(col.num_updates):
-            loss_sum = 0.0
+        for u in self._inner_bar(range(col.num_updates), "updates"):
+            loss_sum, bad_loss = 0.0, None
             for b, scale in by_update.get(u, []):
                 loss, metrics = self.method.loss(b)
+                if bad_loss is None and not bool(torch.isfinite(loss.detach())):
+                    bad_loss = float(loss.detach())
                 if scale != 1.0:  # FSDP padding: the collectives run, the gradient gets exact zeros
                     acc.backward(loss * scale)
                     continue
@@ -436,10 +328,16 @@ class Trainer:
                         if k.endswith("_min") else old + v
                     counts[k] = counts.get(k, 0) + 1
             if not self.fsdp:  # FSDP has already reduce-scattered (summed) them
-                self._sum_grads()
+                dist.sum_grads(self.params, self.device, acc.num_processes)
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
             norm = acc.clip_grad_norm_(self.params, max_norm)
             grad_norms.append(float(full_tensor(norm)))
+            # the gradients are summed over processes, so their norm is the same everywhere: every rank stops
+            # together on it; with one process a NaN/inf loss stops the run even when its gradient is finite
+            if not math.isfinite(grad_norms[-1]) or (bad_loss is not None and acc.num_processes == 1):
+                what = f"loss is {bad_loss}" if bad_loss is not None else f"gradient norm is {grad_norms[-1]}"
+                raise guards.NonFiniteError(f"iteration {it}, update {u}: {what} (method {self.cfg.train.method}); "
+                                            "stopped before the optimizer step, no checkpoint written")
             losses.append(loss_sum)
             self.optimizer.step()
             self.lr_scheduler.step()
@@ -447,6 +345,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.step(self.state.global_step)
             self.state.global_step += 1
+        self._check_weights(it)
         t2 = time.perf_counter()
         self.state.iteration += 1
         self.state.samples += col.num_samples * acc.num_processes
@@ -478,35 +377,21 @@ class Trainer:
         self._log(record, col)
         return record
 
-    def _pad_batches(self, by_update: dict[int, list[tuple[Any, float]]], num_updates: int) -> None:
-        """FSDP: give every rank as many micro-batches per update as the busiest one (FSDP's all-gathers and
-        reduce-scatters are collectives, one per forward/backward of each shard), padding with zero-scaled repeats
-        of a local batch. The methods split rows by a global shuffle, so local counts differ."""
-        counts = torch.tensor([float(len(by_update.get(u, []))) for u in range(num_updates)], dtype=torch.float64)
-        most = self.all_reduce_max(counts.clone())
-        if not torch.equal(counts, most):
-            mine = [b for bs in by_update.values() for b, _ in bs]
-            if not mine:
-                raise RuntimeError(f"rank {self.accelerator.process_index} has no micro-batch this iteration but "
-                                   "others do; FSDP needs one on every rank (use more rows per process)")
-            for u in range(num_updates):
-                by_update.setdefault(u, []).extend((mine[0], 0.0) for _ in range(int(most[u] - counts[u])))
+    def _check_weights(self, it: int) -> None:
+        """NaN/inf in the trainable weights after the iteration's optimizer steps (an overflowing update) stops
+        the run; under FSDP each rank checks its shards and the flags are combined."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+        bad = guards.first_non_finite(self.param_names, local)
+        if self.fsdp:
+            flag = self.all_reduce_max(torch.tensor([float(bad is not None)], dtype=torch.float64))
+            bad = bad or ("a parameter shard on another process" if flag.item() > 0 else None)
+        if bad is not None:
+            raise guards.NonFiniteError(f"iteration {it}: weights after the optimizer step hold NaN or inf ({bad}); "
+                                        "stopped, no checkpoint written")
 
-    @contextlib.contextmanager
-    def _gathered(self) -> Iterator[None]:
+    def _gathered(self) -> contextlib.AbstractContextManager:
         """FSDP: whole weights on every rank, so forwards need no collectives (ranks may differ in count)."""
-        if not self.fsdp:
-            yield
-            return
-        for m in self.fsdp_modules:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        try:
-            yield
-        finally:
-            for m in self.fsdp_modules:
-                m.reshard()
-                m.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
+        return dist.gathered(self.fsdp_modules, self._reshard_after_forward) if self.fsdp else contextlib.nullcontext()
 
     def _log(self, record: dict, col: Collected) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -518,6 +403,7 @@ class Trainer:
             every = cfg.log.sample_images_every
             if every and self.state.iteration % every == 0 and col.images is not None:
                 self.save_images(col.images)
+                trackers.log_images(acc, "samples/images", col.images, col.captions, self.state.iteration)
         if cfg.log.trackers:
             acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.state.iteration)
 
@@ -539,20 +425,38 @@ class Trainer:
         flag = self.all_reduce_sum(torch.tensor([float(over)], dtype=torch.float64))
         return bool(flag.item() > 0)
 
+    def _inner_bar(self, iterable: Any, desc: str) -> Any:
+        """A transient bar over a loop inside one iteration (sampling chunks, updates); main process only."""
+        from flowalign.console import inner
+
+        return inner(iterable, desc, enabled=self.cfg.log.progress and self.accelerator.is_main_process)
+
+    def summary(self) -> str:
+        """The start-up block ``train`` prints (``flowalign.console.summary``)."""
+        from flowalign.console import summary
+
+        weights = getattr(self.reward_fn, "weights", None)
+        return summary(self.cfg, trainable=sum(p.numel() for p in self.params),
+                       total=sum(p.numel() for p in self.module.parameters()),
+                       world_size=self.accelerator.num_processes,
+                       reward_weights=weights if isinstance(weights, dict) else None)
+
     def train(self) -> list[dict]:
-        """Run until ``max_iterations`` (or ``max_minutes``); returns the per-iteration records."""
-        from tqdm.auto import tqdm
+        """Run until ``max_iterations`` (or ``max_minutes``); returns the per-iteration records. Prints the
+        start-up summary and a progress bar whose total is the time budget when ``max_minutes`` is set."""
+        from flowalign.console import RunBar
 
         cfg, acc = self.cfg, self.accelerator
         start = time.time()
-        bar = tqdm(total=cfg.max_iterations, initial=self.state.iteration, desc="flowalign",
-                   disable=not (cfg.log.progress and acc.is_main_process), dynamic_ncols=True)
+        if acc.is_main_process:
+            print(self.summary(), flush=True)
+        bar = RunBar(cfg.max_iterations, cfg.max_minutes, iteration=self.state.iteration,
+                     elapsed_s=self._elapsed_before, enabled=cfg.log.progress and acc.is_main_process)
         try:
             while self.state.iteration < cfg.max_iterations and not self._should_stop(start):
                 rec = self.step()
-                bar.update(1)
-                bar.set_postfix(reward=f"{rec.get('reward_mean', float('nan')):.4f}",
-                                kl=f"{rec.get('approx_kl', 0.0):.2e}")
+                bar.update(self.state.iteration, reward=f"{rec.get('reward_mean', float('nan')):.4f}",
+                           kl=f"{rec.get('approx_kl', 0.0):.2e}")
                 it = self.state.iteration
                 if cfg.eval.every and it % cfg.eval.every == 0:
                     self.evaluate()
@@ -583,6 +487,8 @@ class Trainer:
                 f.write(json.dumps(res) + "\n")
         if self.cfg.log.trackers:
             self.accelerator.log({k: v for k, v in res.items() if k != "iteration"}, step=self.state.iteration)
+            trackers.log_eval_grid(self.accelerator, self.output_dir / "eval" / f"iter-{self.state.iteration:06d}"
+                                   / ("rank-0" if self.accelerator.num_processes > 1 else ""), self.state.iteration)
         return res
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -595,11 +501,19 @@ class Trainer:
         # whole tensors in the single-process layout (collectives under FSDP: every rank builds them)
         ema = None if self.ema is None else {n: full_tensor(t)
                                              for n, t in self.ema.state_dict(self.param_names).items()}
-        return ckpt.save(
-            self.ckpt_dir, self.state.iteration, weights=self.trainable_state_dict(),
+        weights = self.trainable_state_dict()
+        from flowalign.export import image_checkpoint_export  # <checkpoint>/export, written inside the temp dir
+
+        path = ckpt.save(
+            self.ckpt_dir, self.state.iteration, weights=weights,
             optimizer=self._optimizer_state(), scheduler=self.lr_scheduler.state_dict(), state=state, ema=ema,
             rank=acc.process_index, is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
-            keep_last=self.cfg.checkpoint.keep_last)
+            keep_last=self.cfg.checkpoint.keep_last, extra=image_checkpoint_export(self, weights, ema, state))
+        if acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"checkpoint saved to {path}")  # above the progress bar, not through it
+        return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         data = ckpt.load(path, rank=self.accelerator.process_index)
@@ -621,52 +535,24 @@ class Trainer:
         if self.accelerator.is_main_process:  # iterations logged after this checkpoint are about to run again
             ckpt.truncate_log(self.jsonl, self.state.iteration)
 
-    def _opt_params(self) -> list[torch.Tensor]:
-        """The optimizer's parameters in ``state_dict`` index order."""
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
-
     def _optimizer_state(self) -> dict:
         """``optimizer.state_dict()`` with whole tensors (FSDP shards gathered, a collective)."""
         sd = self.optimizer.state_dict()
-        if self.fsdp:
-            sd["state"] = {i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in st.items()}
-                           for i, st in sd["state"].items()}
-        return sd
+        return dist.full_optimizer_state(sd) if self.fsdp else sd
 
     def _shard_optimizer_state(self, sd: dict) -> dict:
         """A whole-tensor optimizer state laid out like the (possibly sharded) parameters."""
         if not self.fsdp:
             return sd
-        params = self._opt_params()
-        state = {}
-        for i, st in sd["state"].items():
-            p = params[int(i)]
-            state[i] = {k: shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
-                        for k, v in st.items()}
-        return {**sd, "state": state}
+        return dist.shard_optimizer_state(sd, [p for g in self.optimizer.param_groups for p in g["params"]])
 
 
-def _has_accelerator() -> bool:
-    if torch.cuda.is_available():
-        return True
-    xpu = getattr(torch, "xpu", None)
-    mps = getattr(torch.backends, "mps", None)
-    return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
-
-
-def train(cfg: Config, adapter=None, reward_fn=None) -> list[dict]:
-    """Build a ``Trainer`` and run it; returns the per-iteration metric records."""
-    return Trainer(cfg, adapter=adapter, reward_fn=reward_fn).train()
+def train(cfg: "Config | str | os.PathLike | dict", rewards: Any = None, prompts: Any = None, *,
+          overrides: Sequence[str] | None = None, adapter=None, reward_fn=None, **kwargs: Any) -> list[dict]:
+    """Build a ``Trainer`` and run it; returns the per-iteration metric records. ``cfg``: a ``Config``, a recipe
+    path or shipped name, or a dict; ``rewards``: callables ``fn(images, prompts, metadata)``, registered names
+    and ``Reward`` objects (a list, or ``{reward: weight}``); ``prompts``: a list, a .txt/.jsonl/.csv path, a
+    ``datasets.Dataset`` or a ``{dataset, split, column}`` spec (``flowalign.api``); ``kwargs``: ``overwrite``,
+    ``allow_config_change``."""
+    return Trainer(cfg, adapter=adapter, reward_fn=reward_fn, rewards=rewards, prompts=prompts, overrides=overrides,
+                   **kwargs).train()

@@ -44,7 +44,7 @@ from flowalign import sde
 from flowalign.registry import check_choice
 from flowalign.schedules import StepPlan, make_plan
 
-from flowalign.adapter import Adapter, Cond
+from flowalign.adapter import Adapter, Cond, deterministic_kernel
 
 SPLIT_LOGPROBS = ("drawn", "unscaled_std")
 FUSIONS = ("mean", "prob_weighted")
@@ -134,7 +134,7 @@ class RolloutTree:
         """The (kernel, noise_level) of the edge into ``node``."""
         if bool(self.edge_sde[node]):
             return self.kernel, self.noise_level
-        return ("ode", 0.0) if prediction_type == "flow" else ("ddim", 0.0)
+        return deterministic_kernel(prediction_type)
 
 
 def _chunks(n: int, batch_size: int | None) -> list[slice]:
@@ -211,7 +211,7 @@ def sample_tree(adapter: Adapter, prompts: Sequence[str], num_steps: int = 10, k
     if prompt_cond.batch_size != P:
         raise ValueError(f"cond has batch {prompt_cond.batch_size} but there are {P} prompts")
     sigmas = adapter.sigmas(num_steps).float().cpu()
-    det = ("ode", 0.0) if adapter.prediction_type == "flow" else ("ddim", 0.0)
+    det = deterministic_kernel(adapter.prediction_type)
 
     x = adapter.init_noise(P, generator)
     front = torch.arange(P)  # node ids of the frontier

@@ -2,7 +2,8 @@
 
 Importing this package registers every built-in adapter in ``ADAPTERS``: ``sd3``, ``flux``, ``wan``, ``sd15``,
 ``sdxl``, ``flux2``, ``qwenimage``, ``zimage``, ``hunyuan_video`` (and ``shapes``, the embedded tiny world, when
-present). ``tiny`` builds offline test instances of each family.
+present). ``tiny`` builds offline test instances of each family. ``flowalign.adapter.get_adapter`` imports this
+package on the first lookup of a name not registered yet, so the core never imports it at module level.
 
 >>> from flowalign.pipelines import load_adapter
 >>> adapter = load_adapter("sd3", "stabilityai/stable-diffusion-3.5-medium", torch_dtype=torch.bfloat16, device="cuda")
@@ -13,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 from flowalign.pipelines import flux, hunyuan_video, qwenimage, sd3, sd15, sdxl, wan  # noqa: F401  (registers them)
-from flowalign.adapter import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond, get_adapter, load_adapter  # noqa: F401  (the one lookup)
 
 # Families whose pipeline class only newer diffusers releases ship (FLUX.2 and Z-Image arrived in 0.36): an older
 # diffusers still imports the package, and asking for the family says what is missing instead of failing here.
@@ -32,14 +33,3 @@ except ImportError:  # pragma: no cover
     pass
 
 __all__ = ["ADAPTERS", "Adapter", "Cond", "get_adapter", "load_adapter"]
-
-
-def get_adapter(name: str) -> type[Adapter]:
-    """The adapter class registered as ``name`` (or a ``"package.module:Class"`` string)."""
-    return ADAPTERS.get(name)
-
-
-def load_adapter(name: str, path: str, **kwargs) -> Adapter:
-    """``get_adapter(name).from_pretrained(path, **kwargs)``: adapter options (``height``, ``max_sequence_length``,
-    ...) and pipeline ``from_pretrained`` options (``torch_dtype``, ``device``, ``variant``, ...) in one call."""
-    return get_adapter(name).from_pretrained(path, **kwargs)

@@ -2,4 +2,5 @@
 for code written against ``flowalign.pipelines.base``."""
 
 from flowalign.adapter import *  # noqa: F401,F403
-from flowalign.adapter import _DTYPE_KW, ADAPTERS, Adapter, Cond  # noqa: F401
+from flowalign.adapter import (ADAPTERS, DTYPES, Adapter, Cond, check_size, deterministic_kernel,  # noqa: F401
+                               get_adapter, load_adapter)

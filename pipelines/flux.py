@@ -22,7 +22,7 @@ import torch
 from diffusers import FluxPipeline
 from torch import Tensor, nn
 
-from flowalign.adapter import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond, check_size
 
 
 @ADAPTERS.register("flux")
@@ -41,12 +41,9 @@ class FluxAdapter(Adapter):
     def __init__(self, pipe: FluxPipeline, height: int | None = None, width: int | None = None,
                  max_sequence_length: int = 512, true_cfg_scale: float = 1.0) -> None:
         super().__init__(pipe)
-        self.height = int(height or pipe.default_sample_size * pipe.vae_scale_factor)
-        self.width = int(width or pipe.default_sample_size * pipe.vae_scale_factor)
-        multiple = pipe.vae_scale_factor * 2  # 2x2 packing on top of the VAE factor
-        if self.height % multiple or self.width % multiple:
-            raise ValueError(f"height={self.height} and width={self.width} must be multiples of {multiple} "
-                             f"(vae_scale_factor * 2 for FLUX's 2x2 packing)")
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        self.height, self.width = check_size(height or default, width or default, pipe.vae_scale_factor * 2,
+                                             "vae_scale_factor * 2 for FLUX's 2x2 packing")
         if true_cfg_scale < 1:
             raise ValueError(f"true_cfg_scale must be >= 1 (1 = off), got {true_cfg_scale}")
         self.max_sequence_length = max_sequence_length
@@ -141,3 +138,12 @@ class FluxAdapter(Adapter):
 
     def trainable_module(self) -> nn.Module:
         return self.pipe.transformer
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [0, 1] -> packed ``[B, H/16 * W/16, 4C]`` latents: a VAE posterior sample,
+        ``(z - shift) * scale``, packed into 2x2 patches (the inverse of ``decode``)."""
+        cfg = self.pipe.vae.config
+        z = (self.vae_posterior(self.pipe.vae, images, generator) - cfg.shift_factor) * cfg.scaling_factor
+        b, c, h, w = z.shape
+        return self.pipe._pack_latents(z, b, c, h, w).to(self.device, self.dtype)

@@ -24,7 +24,7 @@ from diffusers import Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import Tensor, nn
 
-from flowalign.adapter import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond, check_size
 
 
 @ADAPTERS.register("flux2")
@@ -43,12 +43,9 @@ class Flux2Adapter(Adapter):
     def __init__(self, pipe: Flux2Pipeline, height: int | None = None, width: int | None = None,
                  max_sequence_length: int = 512, text_encoder_out_layers: Sequence[int] = (10, 20, 30)) -> None:
         super().__init__(pipe)
-        self.height = int(height or pipe.default_sample_size * pipe.vae_scale_factor)
-        self.width = int(width or pipe.default_sample_size * pipe.vae_scale_factor)
-        multiple = pipe.vae_scale_factor * 2
-        if self.height % multiple or self.width % multiple:
-            raise ValueError(f"height={self.height} and width={self.width} must be multiples of {multiple} "
-                             f"(vae_scale_factor * 2 for FLUX.2's 2x2 patches)")
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        self.height, self.width = check_size(height or default, width or default, pipe.vae_scale_factor * 2,
+                                             "vae_scale_factor * 2 for FLUX.2's 2x2 patches")
         n_layers = pipe.text_encoder.config.text_config.num_hidden_layers
         if not text_encoder_out_layers or any(not 0 <= k <= n_layers for k in text_encoder_out_layers):
             raise ValueError(f"text_encoder_out_layers={list(text_encoder_out_layers)} must be hidden-state indices "

@@ -24,7 +24,7 @@ from diffusers import HunyuanVideoPipeline
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 from torch import Tensor, nn
 
-from flowalign.adapter import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond, check_size
 
 
 @ADAPTERS.register("hunyuan_video")
@@ -42,13 +42,9 @@ class HunyuanVideoAdapter(Adapter):
                  max_sequence_length: int = 256, prompt_template: dict | None = None,
                  true_cfg_scale: float = 1.0) -> None:
         super().__init__(pipe)
-        multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size
-        if height % multiple or width % multiple:
-            raise ValueError(f"height={height} and width={width} must be multiples of {multiple} "
-                             f"(vae_scale_factor_spatial * patch_size)")
-        if num_frames < 1 or (num_frames - 1) % pipe.vae_scale_factor_temporal:
-            raise ValueError(f"num_frames={num_frames}: num_frames - 1 must be a multiple of "
-                             f"{pipe.vae_scale_factor_temporal} (the VAE's temporal factor)")
+        check_size(height, width, pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size,
+                   "vae_scale_factor_spatial * patch_size", num_frames=num_frames,
+                   temporal=pipe.vae_scale_factor_temporal)
         if true_cfg_scale < 1:
             raise ValueError(f"true_cfg_scale must be >= 1 (1 = off), got {true_cfg_scale}")
         self.height, self.width, self.num_frames = int(height), int(width), int(num_frames)

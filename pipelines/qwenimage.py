@@ -24,7 +24,7 @@ import torch
 from diffusers import QwenImagePipeline
 from torch import Tensor, nn
 
-from flowalign.adapter import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond, check_size
 
 
 @ADAPTERS.register("qwenimage")
@@ -45,12 +45,9 @@ class QwenImageAdapter(Adapter):
         super().__init__(pipe)
         if pipe.transformer.config.guidance_embeds:
             raise ValueError("QwenImageAdapter: guidance-distilled transformers (guidance_embeds) are not supported")
-        self.height = int(height or pipe.default_sample_size * pipe.vae_scale_factor)
-        self.width = int(width or pipe.default_sample_size * pipe.vae_scale_factor)
-        multiple = pipe.vae_scale_factor * 2
-        if self.height % multiple or self.width % multiple:
-            raise ValueError(f"height={self.height} and width={self.width} must be multiples of {multiple} "
-                             f"(vae_scale_factor * 2 for the 2x2 packing)")
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        self.height, self.width = check_size(height or default, width or default, pipe.vae_scale_factor * 2,
+                                             "vae_scale_factor * 2 for the 2x2 packing")
         if not 1 <= max_sequence_length <= pipe.tokenizer_max_length:
             raise ValueError(f"max_sequence_length must be in [1, {pipe.tokenizer_max_length}], "
                              f"got {max_sequence_length}")

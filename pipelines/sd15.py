@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from torch import Tensor, nn
 
-from flowalign.adapter import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond, check_size
 
 logger = logging.getLogger(__name__)
 _SIGMA_ATOL = 1e-6  # a sigma further than this from every DDPM level is not one of ours
@@ -52,10 +52,8 @@ class SD15Adapter(Adapter):
             raise ValueError(f"SD15Adapter needs an epsilon-prediction model, scheduler says "
                              f"prediction_type={pipe.scheduler.config.prediction_type!r}")
         default = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.height, self.width = int(height or default), int(width or default)
-        if self.height % pipe.vae_scale_factor or self.width % pipe.vae_scale_factor:
-            raise ValueError(f"height={self.height} and width={self.width} must be multiples of the VAE factor "
-                             f"{pipe.vae_scale_factor}")
+        self.height, self.width = check_size(height or default, width or default, pipe.vae_scale_factor,
+                                             "the VAE factor")
         # sqrt(1 - alpha_bar_t) for every training timestep t, the table predict() inverts
         self._levels = torch.sqrt(1.0 - pipe.scheduler.alphas_cumprod.double()).float()
 
@@ -83,7 +81,9 @@ class SD15Adapter(Adapter):
         return timesteps
 
     def sigmas(self, num_steps: int) -> Tensor:
-        """``sqrt(1 - alpha_bar)`` at the DDIM timesteps, then ``sqrt(1 - final_alpha_cumprod)`` (fp64 -> fp32)."""
+        """``sqrt(1 - alpha_bar)`` at the DDIM timesteps, then ``sqrt(1 - final_alpha_cumprod)``, in float64: the
+        ``ddim`` kernel rebuilds ``alpha_bar = 1 - sigma^2``, which an fp32 sigma would blur where ``alpha_bar`` is
+        small (``flowalign.sde``). ``predict`` takes fp32 or fp64 sigmas alike."""
         def make(n: int) -> Tensor:
             sched = self.pipe.scheduler
             ts = self.timesteps(n).long()
@@ -96,7 +96,7 @@ class SD15Adapter(Adapter):
             final = torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float64)
             last = alphas[prev[-1]] if prev[-1] >= 0 else final
             alpha_bar = torch.cat([alphas[ts], last.reshape(1)])
-            return torch.sqrt(1.0 - alpha_bar).float()
+            return torch.sqrt(1.0 - alpha_bar)
         return self.memo_sigmas(num_steps, make)
 
     def sigma_to_timestep(self, sigma: Tensor | float, batch: int, device=None) -> Tensor:
@@ -131,3 +131,10 @@ class SD15Adapter(Adapter):
 
     def trainable_module(self) -> nn.Module:
         return self.pipe.unet
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [0, 1] -> ``[B, 4, H/8, W/8]`` latents: a VAE posterior sample times ``scaling_factor`` (the
+        inverse of ``decode``)."""
+        z = self.vae_posterior(self.pipe.vae, images, generator)
+        return (z * self.pipe.vae.config.scaling_factor).to(self.device, self.dtype)

@@ -17,7 +17,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from torch import Tensor, nn
 
-from flowalign.adapter import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond, check_size
 
 
 @ADAPTERS.register("sd3")
@@ -35,12 +35,9 @@ class SD3Adapter(Adapter):
     def __init__(self, pipe: StableDiffusion3Pipeline, height: int | None = None, width: int | None = None,
                  max_sequence_length: int = 256) -> None:
         super().__init__(pipe)
-        self.height = int(height or pipe.default_sample_size * pipe.vae_scale_factor)
-        self.width = int(width or pipe.default_sample_size * pipe.vae_scale_factor)
-        multiple = pipe.vae_scale_factor * pipe.patch_size
-        if self.height % multiple or self.width % multiple:
-            raise ValueError(f"height={self.height} and width={self.width} must be multiples of {multiple} "
-                             f"(vae_scale_factor * patch_size)")
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        self.height, self.width = check_size(height or default, width or default,
+                                             pipe.vae_scale_factor * pipe.patch_size, "vae_scale_factor * patch_size")
         self.max_sequence_length = max_sequence_length
 
     # -- contract ---------------------------------------------------------------------------------------------
@@ -94,3 +91,11 @@ class SD3Adapter(Adapter):
 
     def trainable_module(self) -> nn.Module:
         return self.pipe.transformer
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [0, 1] -> ``[B, C, H/8, W/8]`` latents: a VAE posterior sample, ``(z - shift) * scale`` (the
+        inverse of ``decode``)."""
+        cfg = self.pipe.vae.config
+        z = self.vae_posterior(self.pipe.vae, images, generator)
+        return ((z - cfg.shift_factor) * cfg.scaling_factor).to(self.device, self.dtype)

@@ -109,6 +109,19 @@ class SDXLAdapter(SD15Adapter):
         image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pt")
 
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [0, 1] -> latents: a VAE posterior sample, ``(z - mean) * scale / std`` when the VAE has
+        ``latents_mean/std``, else ``z * scale`` (the inverse of ``decode``)."""
+        vae = self.pipe.vae
+        z = self.vae_posterior(vae, images, generator)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+            z = (z - mean) / std
+        return (z * vae.config.scaling_factor).to(self.device, self.dtype)
+
     def pipeline_call_kwargs(self, guidance: float) -> dict:
         """``__call__`` keyword arguments that sample what the adapter samples (``flowalign doctor``)."""
         return {"height": self.height, "width": self.width, "guidance_scale": guidance,

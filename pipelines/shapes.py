@@ -224,3 +224,7 @@ class ShapesAdapter(Adapter):
 
     def trainable_module(self) -> nn.Module:
         return self.pipe.transformer
+
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [0, 1] -> pixels ``2 img - 1`` in [-1, 1] (pixel space: the exact inverse of ``decode``)."""
+        return (images.to(self.device) * 2 - 1).to(self.dtype)

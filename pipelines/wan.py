@@ -25,7 +25,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from torch import Tensor, nn
 
-from flowalign.adapter import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond, check_size
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +51,10 @@ class WanAdapter(Adapter):
             logger.warning("WanAdapter: replacing %s by FlowMatchEulerDiscreteScheduler(shift=%s) on the pipeline "
                            "(the step kernels are one-step Euler/SDE)", type(pipe.scheduler).__name__, shift)
             pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=shift)
-        p = self.denoiser.config.patch_size
-        multiple = pipe.vae_scale_factor_spatial * p[1]
-        if height % multiple or width % multiple:
-            raise ValueError(f"height={height} and width={width} must be multiples of {multiple} "
-                             f"(vae_scale_factor_spatial * patch_size)")
-        if num_frames < 1 or (num_frames - 1) % pipe.vae_scale_factor_temporal:
-            raise ValueError(f"num_frames={num_frames}: num_frames - 1 must be a multiple of "
-                             f"{pipe.vae_scale_factor_temporal} (the VAE's temporal factor)")
-        self.height, self.width, self.num_frames = int(height), int(width), int(num_frames)
+        multiple = pipe.vae_scale_factor_spatial * self.denoiser.config.patch_size[1]
+        self.height, self.width = check_size(height, width, multiple, "vae_scale_factor_spatial * patch_size",
+                                             num_frames=num_frames, temporal=pipe.vae_scale_factor_temporal)
+        self.num_frames = int(num_frames)
         self.max_sequence_length = max_sequence_length
         self.guidance_2 = guidance_2
 
@@ -135,3 +130,13 @@ class WanAdapter(Adapter):
 
     def trainable_module(self) -> nn.Module:
         return self.denoiser
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Frames ``[B, T, 3, H, W]`` in [0, 1] -> fp32 ``[B, C, T', H/8, W/8]`` latents: a VAE posterior sample
+        normalised with ``latents_mean/std`` (the inverse of ``decode``)."""
+        z = self.vae_posterior(self.pipe.vae, images, generator)
+        cfg = self.pipe.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+        return ((z - mean) / std).to(self.device, torch.float32)

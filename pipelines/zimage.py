@@ -24,7 +24,7 @@ from diffusers import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from torch import Tensor, nn
 
-from flowalign.adapter import ADAPTERS, Adapter, Cond
+from flowalign.adapter import ADAPTERS, Adapter, Cond, check_size
 
 
 @ADAPTERS.register("zimage")
@@ -42,10 +42,7 @@ class ZImageAdapter(Adapter):
     def __init__(self, pipe: ZImagePipeline, height: int = 1024, width: int = 1024, max_sequence_length: int = 512,
                  cfg_normalization: float = 0.0, cfg_truncation: float = 1.0) -> None:
         super().__init__(pipe)
-        multiple = pipe.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(f"height={height} and width={width} must be multiples of {multiple} "
-                             f"(vae_scale_factor * the transformer's 2x2 patches)")
+        check_size(height, width, pipe.vae_scale_factor * 2, "vae_scale_factor * the transformer's 2x2 patches")
         if cfg_normalization < 0:
             raise ValueError(f"cfg_normalization must be >= 0 (0 = off), got {cfg_normalization}")
         self.height, self.width = int(height), int(width)

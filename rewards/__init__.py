@@ -17,7 +17,8 @@ temporal_consistency (and the shapes-world rewards when ``flowalign.rewards.shap
 
 import importlib
 
-from flowalign.rewards.base import REWARDS, Compose, FunctionReward, Reward, check_images, get_reward
+from flowalign.rewards.base import (REWARDS, Compose, FunctionReward, NonFiniteRewardError, Reward, as_reward,
+                                    check_images, get_reward, reward_name)
 from flowalign.rewards import aesthetic, clip, hps, imagereward, ocr, pickscore, simple, text, video  # noqa: F401  (register)
 from flowalign.rewards.aesthetic import AestheticScore
 from flowalign.rewards.clip import CLIPScore
@@ -37,7 +38,9 @@ except ImportError as e:
         raise
 
 __all__ = [
-    "REWARDS", "Reward", "get_reward", "Compose", "FunctionReward", "RemoteReward", "check_images",
+    "REWARDS", "Reward", "get_reward", "as_reward", "reward_name", "Compose", "FunctionReward", "RemoteReward",
+    "check_images",
+    "NonFiniteRewardError",
     "CLIPScore", "PickScore", "HPSv2", "AestheticScore", "ImageReward", "OCRReward",
     "JpegCompressibility", "JpegIncompressibility", "Brightness", "ColorTarget", "Redness",
     "MathVerify", "FormatReward", "OverlongPenalty", "PerFrame", "TemporalConsistency",

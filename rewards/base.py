@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -20,21 +21,68 @@ from flowalign.registry import Registry
 REWARDS: Registry[type["Reward"]] = Registry("reward", entry_point_group="flowalign.rewards")
 
 
+IMAGE_LAYOUT = ("images float in [0, 1], B,C,H,W with C in {1, 3} (video B,T,C,H,W); "
+                "a uint8 image is divided by 255 and a channels-last B,H,W,C one is permuted with .permute(0, 3, 1, 2)")
+
+
+class NonFiniteRewardError(RuntimeError):
+    """A reward returned NaN or inf: the reward's bug (or its model's), named, never passed on to training."""
+
+
 def check_images(images: Tensor, name: str = "images") -> Tensor:
-    """Validate a float image batch in [0, 1], ``B,C,H,W`` or ``B,T,C,H,W``."""
+    """Validate a float image batch in [0, 1], ``B,C,H,W`` or ``B,T,C,H,W`` with ``C in {1, 3}`` and ``H, W > 0``.
+
+    The one input check of every image/video reward (``Reward.__call__``); each message names the expected layout.
+    """
     if not torch.is_tensor(images):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(images).__name__}; expected {IMAGE_LAYOUT}")
+    shape = tuple(images.shape)
     if images.ndim not in (4, 5):
-        raise ValueError(f"{name} must be B,C,H,W or B,T,C,H,W, got shape {tuple(images.shape)}")
+        raise ValueError(f"{name} must be B,C,H,W or B,T,C,H,W, got shape {shape}; expected {IMAGE_LAYOUT}")
+    if shape[-3] not in (1, 3):
+        last = shape[-1] in (1, 3, 4)
+        layout = "B,H,W,C" if images.ndim == 4 else "B,T,H,W,C"
+        hint = (f"this looks like channels-last {layout} (last dim {shape[-1]}); permute it to "
+                f"{'B,C,H,W' if images.ndim == 4 else 'B,T,C,H,W'}"
+                if last else f"dim -3 holds {shape[-3]} channels")
+        raise ValueError(f"{name} must have 1 or 3 channels in dim -3 (B,C,H,W), got shape {shape}: {hint}; "
+                         f"expected {IMAGE_LAYOUT}")
+    if 0 in shape[1:]:
+        raise ValueError(f"{name} must have non-empty frames, channels, height and width, got shape {shape}")
     if not images.is_floating_point():
         raise ValueError(f"{name} must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
     if images.numel():
-        lo, hi = float(images.detach().min()), float(images.detach().max())
+        x = images.detach()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contain NaN or inf ({int((~torch.isfinite(x)).sum())} of {x.numel()} values)")
+        lo, hi = float(x.min()), float(x.max())
         if not (lo >= -1e-4 and hi <= 1 + 1e-4):
             raise ValueError(
                 f"{name} must be in [0, 1], got range [{lo:.3f}, {hi:.3f}]; if they are in [-1, 1] pass (x + 1) / 2"
             )
     return images
+
+
+def check_completions(completions: Any, name: str) -> list[str]:
+    """Validate the input of a text reward: a list of strings (one completion per sample)."""
+    if torch.is_tensor(completions) or isinstance(completions, (str, bytes)) or completions is None:
+        got = "nothing" if completions is None else type(completions).__name__
+        raise ValueError(f"reward {name!r} is a text reward: pass completions=[str, ...] (one per sample), got {got}")
+    out = list(completions)
+    bad = next((c for c in out if not isinstance(c, str)), None)
+    if bad is not None:
+        raise ValueError(f"reward {name!r} takes completions as strings, got a {type(bad).__name__}")
+    return out
+
+
+def check_finite_scores(scores: Tensor, name: str) -> Tensor:
+    """Raise ``NonFiniteRewardError`` naming reward ``name`` and the samples when ``scores`` hold NaN or inf."""
+    bad = ~torch.isfinite(scores.detach())
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten()[:8].tolist()
+        raise NonFiniteRewardError(f"reward {name!r} returned non-finite scores for samples {idx} "
+                                   f"(values {scores.detach()[idx].tolist()}); a reward must return finite numbers")
+    return scores
 
 
 def _as_float(scores: Tensor) -> Tensor:
@@ -61,9 +109,12 @@ class Reward:
     def __call__(self, images=None, prompts: Sequence[str] | None = None, metadata: Sequence[dict] | None = None,
                  *, completions: Sequence[str] | None = None, answers: Sequence[Any] | None = None) -> Tensor:
         if self.modality == "text":
-            inputs = list(completions if completions is not None else images)
+            inputs = check_completions(completions if completions is not None else images, self.name)
             n = len(inputs)
             if answers is not None:
+                answers = list(answers)
+                if len(answers) != n:
+                    raise ValueError(f"reward {self.name!r} got {n} completions but {len(answers)} answers")
                 metadata = [dict(m or {}, answer=a) for m, a in zip(metadata or [{}] * n, answers)]
         else:
             inputs = check_images(images)
@@ -80,10 +131,17 @@ class Reward:
                     f"reward {self.name!r} is not differentiable but got images with requires_grad=True; "
                     "detach them or use a differentiable reward (CLIP, PickScore, HPS, aesthetic)"
                 )
+        if isinstance(prompts, (str, bytes)):  # list("a cat") would be 5 one-letter prompts
+            raise ValueError(f"reward {self.name!r}: prompts must be a list of strings (one per sample), "
+                             f"got one string {prompts[:40]!r}")
         prompts = list(prompts) if prompts is not None else [""] * n
         metadata = list(metadata) if metadata is not None else [{} for _ in range(n)]
         if len(prompts) != n or len(metadata) != n:
             raise ValueError(f"got {n} inputs but {len(prompts)} prompts and {len(metadata)} metadata entries")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"reward {self.name!r}: prompts must be strings")
+        if not all(isinstance(m, dict) for m in metadata):
+            raise ValueError(f"reward {self.name!r}: metadata must be a list of dicts (one per sample)")
         bs = self.batch_size or n or 1
         outs = [
             _as_float(self.score(inputs[i : i + bs], prompts[i : i + bs], metadata[i : i + bs])).reshape(-1)
@@ -92,7 +150,7 @@ class Reward:
         out = torch.cat(outs) if outs else torch.zeros(0)
         if out.shape != (n,):
             raise RuntimeError(f"reward {self.name!r} returned shape {tuple(out.shape)}, expected ({n},)")
-        return out
+        return check_finite_scores(out, self.name)
 
     # ------------------------------------------------------------------ conveniences
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Reward":
@@ -171,6 +229,31 @@ class FunctionReward(Reward):
         return torch.as_tensor(out)
 
 
+def reward_name(obj: Any) -> str:
+    """The log/config name of a reward spec: the string itself, a ``Reward``'s ``name``, a function's ``__name__``
+    (``<lambda>`` -> ``lambda``), else the callable's class name."""
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, Reward):
+        return obj.name
+    name = getattr(obj, "__name__", None) or type(obj).__name__
+    return name.strip("<>") or "reward"
+
+
+def as_reward(obj: "str | Reward | type[Reward] | Any", **kwargs: Any) -> Reward:
+    """Any reward-like object as a ``Reward``: a registered name / ``module:attr`` / ``remote:URL`` string
+    (``get_reward``), a ``Reward`` (as is), a ``Reward`` subclass (built with ``kwargs``), or a plain callable
+    ``fn(images, prompts, metadata) -> Tensor[B] | list[float]`` wrapped in a ``FunctionReward`` named
+    ``fn.__name__`` (differentiable if ``fn.differentiable`` is true, e.g. for reward-backprop methods)."""
+    if isinstance(obj, (str, Reward)) or (isinstance(obj, type) and issubclass(obj, Reward)):
+        return get_reward(obj, **kwargs)
+    if callable(obj) and not isinstance(obj, type):
+        return FunctionReward(obj, name=reward_name(obj), differentiable=bool(getattr(obj, "differentiable", False)),
+                              **kwargs)
+    raise ValueError(f"cannot use {obj!r:.80} as a reward: give a registered name, a Reward, a Reward subclass or a "
+                     f"callable fn(images, prompts, metadata) -> Tensor[B]")
+
+
 @REWARDS.register("compose")
 class Compose(Reward):
     """Weighted sum of rewards, keeping every component for logging.
@@ -199,9 +282,15 @@ class Compose(Reward):
         self.weights: dict[str, float] = {}
         for spec, cfg in items:
             kwargs = dict(cfg) if isinstance(cfg, dict) else {"weight": cfg}
-            weight = float(kwargs.pop("weight", 1.0))
-            reward = get_reward(spec, **kwargs)
+            weight = kwargs.pop("weight", 1.0)
+            reward = get_reward(spec, **kwargs) if isinstance(spec, (str, Reward, type)) else as_reward(spec, **kwargs)
             key = spec if isinstance(spec, str) else reward.name
+            try:
+                weight = float(weight)
+            except (TypeError, ValueError):
+                raise ValueError(f"Compose: the weight of reward {key!r} must be a number, got {weight!r}") from None
+            if not math.isfinite(weight):
+                raise ValueError(f"Compose: the weight of reward {key!r} is {weight}; weights must be finite")
             base, i = key, 1
             while key in self.components:
                 i += 1
@@ -220,6 +309,7 @@ class Compose(Reward):
         parts = {k: r(images, prompts, metadata, completions=completions, answers=answers)
                  for k, r in self.components.items()}
         total = sum(self.weights[k] * v.to(next(iter(parts.values())).device) for k, v in parts.items())
+        check_finite_scores(total, f"compose (weights {self.weights})")  # e.g. a weight made NaN after construction
         return (total, parts) if return_components else total
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Compose":

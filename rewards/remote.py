@@ -5,6 +5,12 @@ Transport errors, 408/429 and 5xx are retried with exponential backoff ``min(max
 jitter); other 4xx are raised at once with the server's message (sending the same request again cannot help);
 after the last attempt a ``RemoteRewardError`` says how many attempts were made and what the last error was.
 Gradients do not cross HTTP: a remote reward is never differentiable.
+
+Several replicas (``remote:http://a:8000,http://b:8000`` or ``urls=[...]``): requests go round-robin; a failed
+attempt (transport error or a retryable status) fails over at once to the next replica, and the backoff sleep comes
+only after a whole round of replicas has failed. A replica that dropped a connection is skipped for ``cooldown``
+seconds (unless every replica is down). Each request gets exactly one answer and the calls are sequential, so the
+scores come back in order, one per row; a replica that dies mid-run loses nothing (its request is re-sent).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import io
 import os
 import random
 import socket
+import threading
 import time
 from typing import Any, Sequence
 
@@ -60,24 +67,37 @@ def encode_images(images: Tensor, encoding: str = "npy") -> dict[str, Any]:
 class RemoteReward(Reward):
     """Client of a reward server: ``RemoteReward("http://host:8000", token=...)(images, prompts)``.
 
-    ``token`` defaults to ``$FLOWALIGN_REWARD_TOKEN``; ``retries`` extra attempts after the first;
-    ``transport`` is an optional ``httpx`` transport (proxies, mocks in tests)."""
+    ``url``: one URL, or several comma-separated (or ``urls=[...]``): replicas, module docstring;
+    ``token`` defaults to ``$FLOWALIGN_REWARD_TOKEN``; ``retries`` extra attempts after the first (at least one
+    attempt per replica); ``transport`` is an optional ``httpx`` transport (proxies, mocks in tests)."""
 
     name = "remote"
     differentiable = False
 
-    def __init__(self, url: str, token: str | None = None, *, timeout: float = 120.0, retries: int = 5,
-                 backoff: float = 0.5, max_backoff: float = 30.0, encoding: str = "npy",
+    def __init__(self, url: str | Sequence[str] | None = None, token: str | None = None, *,
+                 urls: Sequence[str] | None = None, timeout: float = 120.0, retries: int = 5,
+                 backoff: float = 0.5, max_backoff: float = 30.0, cooldown: float = 30.0, encoding: str = "npy",
                  batch_size: int | None = 64, modality: str | None = None,
                  device: str | torch.device = "cpu", transport: Any = None) -> None:
         import httpx
 
         super().__init__(device=device, batch_size=batch_size)
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"remote reward URL must start with http:// or https://, got {url!r}")
+        given = [url] if isinstance(url, str) else list(url or [])
+        self.urls = [u.strip().rstrip("/") for part in [*given, *(urls or [])] for u in part.split(",") if u.strip()]
+        if not self.urls:
+            raise ValueError("remote reward needs a URL: remote:http://host:port (several: comma-separated)")
+        for u in self.urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"remote reward URL must start with http:// or https://, got {u!r}")
         if encoding not in ("npy", "png"):
             raise ValueError(f"encoding must be 'npy' or 'png', got {encoding!r}")
-        self.url = url.rstrip("/")
+        self.url = self.urls[0]
+        self.cooldown = float(cooldown)
+        self._lock = threading.Lock()  # scoring may run in the trainer's background reward thread
+        self._next = 0  # round-robin position
+        self._down_until = {u: 0.0 for u in self.urls}  # monotonic time until which a replica is skipped
+        self.served = {u: 0 for u in self.urls}  # answered requests per replica
+        self.failures = {u: 0 for u in self.urls}  # failed attempts per replica
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.retries, self.backoff, self.max_backoff = int(retries), float(backoff), float(max_backoff)
         self.encoding = encoding
@@ -89,29 +109,47 @@ class RemoteReward(Reward):
         if modality is not None:
             self.modality = modality  # type: ignore[misc]
 
+    def _order(self) -> list[str]:
+        """Replicas to try for one request: round-robin from the next one, replicas in cool-down last."""
+        with self._lock:
+            n, k = len(self.urls), self._next
+            self._next = (k + 1) % n
+        ring = [self.urls[(k + i) % n] for i in range(n)]
+        now = time.monotonic()
+        return [u for u in ring if self._down_until[u] <= now] + [u for u in ring if self._down_until[u] > now]
+
     def _request(self, method: str, path: str, **kwargs: Any) -> dict:
         import httpx
 
-        attempts, last = self.retries + 1, ""
+        order = self._order()
+        attempts, last, n = max(self.retries + 1, len(order)), "", len(order)
         start = time.monotonic()
         for k in range(attempts):
+            url = order[k % n]
+            tag = f"{url}: " if n > 1 else ""  # which replica, when there are several
             try:
-                r = self.client.request(method, self.url + path, **kwargs)
+                r = self.client.request(method, url + path, **kwargs)
                 if r.status_code < 400:
+                    self.served[url] += 1
+                    self._down_until[url] = 0.0
                     return r.json()
                 try:
                     detail = r.json().get("detail", r.text)
                 except ValueError:
                     detail = r.text
-                last = f"HTTP {r.status_code}: {detail}"
+                last = f"{tag}HTTP {r.status_code}: {detail}"
                 if r.status_code not in RETRY_STATUS:
-                    raise RemoteRewardError(f"reward server {self.url} refused the request: {last}", r.status_code)
+                    raise RemoteRewardError(f"reward server {url} refused the request: HTTP {r.status_code}: "
+                                            f"{detail}", r.status_code)
             except httpx.TransportError as e:
-                last = f"{type(e).__name__}: {e}"
-            if k + 1 < attempts:
-                delay = min(self.max_backoff, self.backoff * 2 ** k)
+                last = f"{tag}{type(e).__name__}: {e}"
+                self._down_until[url] = time.monotonic() + self.cooldown  # dead replica: skip it for a while
+            self.failures[url] += 1
+            if k + 1 < attempts and (k + 1) % n == 0:  # a whole round failed: back off before the next one
+                delay = min(self.max_backoff, self.backoff * 2 ** ((k + 1) // n - 1))
                 time.sleep(delay * random.uniform(0.9, 1.1))
-        raise RemoteRewardError(f"reward server {self.url}{path} failed after {attempts} attempts "
+        where = self.url if n == 1 else f"{n} replicas ({', '.join(self.urls)})"
+        raise RemoteRewardError(f"reward server {where}{path} failed after {attempts} attempts "
                                 f"({time.monotonic() - start:.1f} s); last error: {last}")
 
     def health(self) -> dict:
@@ -139,4 +177,5 @@ class RemoteReward(Reward):
         self.client.close()
 
     def __repr__(self) -> str:
-        return f"RemoteReward(url={self.url!r}, modality={getattr(self, 'modality', None)!r})"
+        urls = self.url if len(self.urls) == 1 else self.urls
+        return f"RemoteReward(url={urls!r}, modality={getattr(self, 'modality', None)!r})"

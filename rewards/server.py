@@ -1,11 +1,11 @@
 """HTTP reward server: ``flowalign rewards serve --reward pickscore --host 127.0.0.1 --port 8000``.
 
-FastAPI on uvicorn. Wire format (JSON only, never pickle), protocol 1:
+FastAPI on uvicorn (h11). Wire format (JSON only, never pickle), protocol 1:
 
 ``POST /score``  (``Authorization: Bearer <token>`` when the server has a token; ``Content-Type: application/json``)
 
     {"images": {"format": "npy", "data": "<base64 .npy>"},          # one array B,C,H,W or B,T,C,H,W,
-                                                                      # float16/32/64 in [0,1] or uint8
+                                                                      # float16/32/64 in [0,1], uint8 or uint16
      -- or --  {"format": "png", "data": ["<base64 png>", ...]},     # one PNG per image (video: list of lists)
      "prompts": ["...", ...], "metadata": [{...}, ...],               # optional, one per sample
      "completions": ["...", ...]}                                     # text rewards instead of images
@@ -14,10 +14,22 @@ FastAPI on uvicorn. Wire format (JSON only, never pickle), protocol 1:
 ``GET /health`` -> ``{"status": "ok", "reward", "modality", "differentiable", "protocol"}`` (no token needed).
 ``GET /stats`` -> request/batch counters (token needed).
 
-Every malformed request gets a 4xx with ``{"detail": "<message>"}``: 400 bad JSON/base64/PNG/NPY, 401 missing or
-wrong token, 408 body too slow, 413 payload over ``max_payload_bytes`` or images over ``max_image_pixels``,
-415 not JSON, 422 wrong shapes/dtypes/NaN/range/counts. 500 is a reward failure, 504 a request over ``timeout``.
-NPY is read with ``allow_pickle=False``.
+Every malformed request gets a 4xx with ``{"detail": "<message>"}``: 400 bad JSON/base64/PNG/NPY or a request with
+both ``Transfer-Encoding`` and ``Content-Length`` (then the connection is closed, so nothing smuggled behind it is
+served), 401 missing or wrong token, 408 body slower than ``body_timeout``, 413 payload over ``max_payload_bytes``
+or images over ``max_image_pixels``, 415 not JSON, 422 wrong shapes/dtypes/NaN/range/counts/16-bit colour PNG or
+an input the reward refuses. 500 is a reward failure, 504 a request over ``timeout``. NPY is read with
+``allow_pickle=False``. Image conversions (16-bit, alpha composited on white) are documented in ``_decode``.
+
+Memory bounds (the reward server must survive hostile clients):
+
+* ``max_image_pixels`` (default 16 Mi pixels = 64 images of 512x512) is the pixel sum of a whole request (images x
+  frames x H x W). It is checked on the PNG/NPY *headers*, before any pixel is decoded.
+* ``max_inflight_pixels`` (default 2 x ``max_image_pixels``) bounds the decoded pixels of all requests in flight
+  together (decoded, not yet scored): decoded images never take more than ``max_inflight_pixels x 3 x 4`` bytes.
+* ``header_timeout`` (10 s): a connection whose request head is not complete within it is closed (slowloris);
+  uvicorn closes idle keep-alive connections after ``timeout_keep_alive`` and h11 caps a head at 16 KiB.
+  ``body_timeout`` (60 s) bounds reading the body (408).
 
 Dynamic batching: concurrent requests whose inputs share a shape are merged into one reward call of up to
 ``max_batch`` samples, waiting at most ``batch_window_ms`` for more to arrive; the reward runs on one worker
@@ -28,10 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -44,7 +53,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
@@ -52,19 +60,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flowalign.rewards import _decode
+from flowalign.rewards._decode import ImagePlan, RequestError
+from flowalign.rewards._guards import PixelBudget, guarded_h11
 from flowalign.rewards.base import Reward, get_reward
 
 logger = logging.getLogger("flowalign.rewards.server")
 PROTOCOL = 1
 TOKEN_ENV = "FLOWALIGN_REWARD_TOKEN"
-
-
-class RequestError(Exception):
-    """A client error: HTTP ``status`` with a message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 def is_loopback(host: str) -> bool:
@@ -78,98 +81,10 @@ def is_loopback(host: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- payload decoding
-def _b64(data: Any, what: str) -> bytes:
-    if not isinstance(data, str):
-        raise RequestError(422, f"{what} must be a base64 string, got {type(data).__name__}")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise RequestError(400, f"{what} is not valid base64: {e}") from None
-
-
-def _decode_npy(data: Any, max_pixels: int) -> np.ndarray:
-    raw = _b64(data, "images.data")
-    try:
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
-    except ValueError as e:  # includes "Object arrays cannot be loaded when allow_pickle=False"
-        raise RequestError(400, f"images.data is not a plain .npy array: {e}") from None
-    except Exception as e:
-        raise RequestError(400, f"images.data is not a .npy file: {type(e).__name__}: {e}") from None
-    if not isinstance(arr, np.ndarray):
-        raise RequestError(400, "images.data must hold one .npy array")
-    if arr.size > max_pixels * 3:
-        raise RequestError(413, f"images hold {arr.size} values, more than the limit {max_pixels * 3}")
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if arr.dtype not in (np.float16, np.float32, np.float64):
-        raise RequestError(422, f"images must be float16/32/64 in [0, 1] or uint8, got dtype {arr.dtype}")
-    return arr.astype(np.float32, copy=False)
-
-
-def _decode_png(b64: Any, max_pixels: int, what: str) -> np.ndarray:
-    from PIL import Image
-
-    raw = _b64(b64, what)
-    try:
-        img = Image.open(io.BytesIO(raw))
-        if img.format != "PNG":
-            raise RequestError(400, f"{what} must be a PNG image, got {img.format}")
-        w, h = img.size
-        if w * h > max_pixels:
-            raise RequestError(413, f"{what} is {w}x{h}, more than the limit of {max_pixels} pixels")
-        img.load()
-    except RequestError:
-        raise
-    except Exception as e:
-        raise RequestError(400, f"{what} is not a readable PNG: {type(e).__name__}: {e}") from None
-    if img.mode not in ("L", "RGB"):
-        img = img.convert("RGB")
-    a = np.asarray(img, dtype=np.float32) / 255.0
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-
-def _stack(arrays: list[np.ndarray], what: str) -> np.ndarray:
-    if len({a.shape for a in arrays}) != 1:
-        raise RequestError(422, f"all {what} must have one size and channel count, got "
-                                f"{sorted({a.shape for a in arrays})}")
-    return np.stack(arrays)
-
-
 def decode_images(obj: Any, max_pixels: int) -> torch.Tensor:
-    """``{"format": "npy"|"png", "data": ...}`` -> float32 tensor ``B,C,H,W`` / ``B,T,C,H,W`` (validated)."""
-    if not isinstance(obj, dict):
-        raise RequestError(422, 'images must be an object {"format": "npy"|"png", "data": ...}')
-    fmt, data = obj.get("format"), obj.get("data")
-    if fmt == "npy":
-        arr = _decode_npy(data, max_pixels)
-    elif fmt == "png":
-        if not isinstance(data, list) or not data:
-            raise RequestError(422, "images.data must be a non-empty list of base64 PNGs (video: list of lists)")
-        budget = max_pixels
-        if all(isinstance(d, list) for d in data):
-            if not all(data):
-                raise RequestError(422, "every video in images.data needs at least one frame")
-            videos = [_stack([_decode_png(f, budget, f"images.data[{i}][{j}]") for j, f in enumerate(v)], "frames")
-                      for i, v in enumerate(data)]
-            arr = _stack(videos, "videos")
-        else:
-            arr = _stack([_decode_png(d, budget, f"images.data[{i}]") for i, d in enumerate(data)], "images")
-        if arr.size > max_pixels * 3:
-            raise RequestError(413, f"images hold {arr.size} values, more than the limit {max_pixels * 3}")
-    else:
-        raise RequestError(422, f"images.format must be 'npy' or 'png', got {fmt!r}")
-    if arr.ndim not in (4, 5):
-        raise RequestError(422, f"images must be B,C,H,W or B,T,C,H,W, got shape {tuple(arr.shape)}")
-    if arr.shape[0] == 0 or 0 in arr.shape:
-        raise RequestError(422, f"images must not be empty, got shape {tuple(arr.shape)}")
-    if arr.shape[-3] not in (1, 3):
-        raise RequestError(422, f"images need 1 or 3 channels in dim -3 (B,C,H,W), got shape {tuple(arr.shape)}")
-    if not np.isfinite(arr).all():
-        raise RequestError(422, "images contain NaN or inf")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo < 0 or hi > 1:
-        raise RequestError(422, f"images must be in [0, 1], got range [{lo:.3g}, {hi:.3g}]")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    """``{"format": "npy"|"png", "data": ...}`` -> float32 tensor ``B,C,H,W`` / ``B,T,C,H,W`` (validated; headers
+    are read and the request's pixel sum checked against ``max_pixels`` before anything is decoded)."""
+    return torch.from_numpy(_decode.decode_images(obj, max_pixels))
 
 
 def _str_list(obj: Any, name: str, n: int | None) -> list[str] | None:
@@ -194,31 +109,51 @@ class ScoreRequest:
     future: asyncio.Future = field(default=None)  # type: ignore[assignment]
 
 
-def parse_request(body: dict, reward: Reward, max_pixels: int) -> ScoreRequest:
-    """Validate a decoded JSON body against the reward's modality; raises ``RequestError``."""
+@dataclass
+class PlannedRequest:
+    """A request checked up to its image headers: ``pixels`` it will decode to, ``decode()`` -> ``ScoreRequest``."""
+
+    plan: ImagePlan | None  # None for text rewards
+    completions: list[str] | None
+    prompts: list[str]
+    metadata: list[dict]
+    n: int
+
+    @property
+    def pixels(self) -> int:
+        return self.plan.pixels if self.plan is not None else 0
+
+    def decode(self) -> ScoreRequest:
+        if self.plan is None:
+            return ScoreRequest(self.completions, self.prompts, self.metadata, self.n, ("text",))
+        x = torch.from_numpy(self.plan.decode())
+        return ScoreRequest(x, self.prompts, self.metadata, self.n, ("image", tuple(x.shape[1:])))
+
+
+def plan_request(body: dict, reward: Reward, max_pixels: int) -> PlannedRequest:
+    """Validate a decoded JSON body against the reward's modality, reading image headers only (413 over the pixel
+    budget here, before any decoding); raises ``RequestError``."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the JSON body must be an object, got {type(body).__name__}")
     unknown = set(body) - {"images", "prompts", "metadata", "completions", "answers"}
     if unknown:
         raise RequestError(422, f"unknown fields {sorted(unknown)}; allowed: images, prompts, metadata, "
                                 "completions, answers")
+    plan, completions = None, None
     if reward.modality == "text":
         completions = _str_list(body.get("completions"), "completions", None)
         if not completions:
             raise RequestError(422, f"reward {reward.name!r} is a text reward: send a non-empty 'completions' list")
-        inputs: Any = completions
         n = len(completions)
-        key: tuple = ("text",)
     else:
         if "images" not in body:
             raise RequestError(422, f"reward {reward.name!r} needs 'images'")
-        inputs = decode_images(body["images"], max_pixels)
-        n = inputs.shape[0]
-        if reward.modality == "video" and inputs.ndim != 5:
-            raise RequestError(422, f"reward {reward.name!r} scores videos B,T,C,H,W, got {tuple(inputs.shape)}")
-        if reward.modality == "image" and inputs.ndim == 5 and not getattr(reward, "accepts_video", False):
-            raise RequestError(422, f"reward {reward.name!r} scores images B,C,H,W, got {tuple(inputs.shape)}")
-        key = ("image", tuple(inputs.shape[1:]))
+        plan = _decode.plan_images(body["images"], max_pixels)
+        n, ndim = plan.shape[0], len(plan.shape)
+        if reward.modality == "video" and ndim != 5:
+            raise RequestError(422, f"reward {reward.name!r} scores videos B,T,C,H,W, got {plan.shape}")
+        if reward.modality == "image" and ndim == 5 and not getattr(reward, "accepts_video", False):
+            raise RequestError(422, f"reward {reward.name!r} scores images B,C,H,W, got {plan.shape}")
     prompts = _str_list(body.get("prompts"), "prompts", n) or [""] * n
     metadata = body.get("metadata")
     if metadata is None:
@@ -232,7 +167,12 @@ def parse_request(body: dict, reward: Reward, max_pixels: int) -> ScoreRequest:
         if not isinstance(answers, list) or len(answers) != n:
             raise RequestError(422, f"answers must be a list of {n} entries")
         metadata = [dict(m, answer=a) for m, a in zip(metadata, answers)]
-    return ScoreRequest(inputs, prompts, metadata, n, key)
+    return PlannedRequest(plan, completions, prompts, metadata, n)
+
+
+def parse_request(body: dict, reward: Reward, max_pixels: int) -> ScoreRequest:
+    """``plan_request`` then decode: a validated ``ScoreRequest``; raises ``RequestError``."""
+    return plan_request(body, reward, max_pixels).decode()
 
 
 # ----------------------------------------------------------------------------- dynamic batching
@@ -340,11 +280,13 @@ class Batcher:
 # ----------------------------------------------------------------------------- app
 def create_app(reward: Reward | str, token: str | None = None, max_payload_bytes: int = 64 << 20,
                timeout: float = 120.0, max_batch: int = 64, batch_window_ms: float = 5.0,
-               max_image_pixels: int = 16 << 20):
-    """The FastAPI app serving ``reward`` (see the module docstring for the protocol)."""
+               max_image_pixels: int = 16 << 20, max_inflight_pixels: int | None = None,
+               body_timeout: float = 60.0):
+    """The FastAPI app serving ``reward`` (see the module docstring for the protocol and the limits)."""
     reward = get_reward(reward) if isinstance(reward, str) else reward
     token = token or None  # an empty token means no token, never "accept an empty bearer"
     batcher = Batcher(reward, int(max_batch or 0), max(0.0, batch_window_ms) / 1000.0)
+    budget = PixelBudget(max_inflight_pixels or 2 * max_image_pixels)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -355,10 +297,22 @@ def create_app(reward: Reward | str, token: str | None = None, max_payload_bytes
     app = FastAPI(title=f"flowalign reward server ({reward.name})", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
+    app.state.budget = budget
 
-    def err(status: int, message: str) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+    def err(status: int, message: str, close: bool = False) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        if close:  # the body may be unread (or ambiguous): h11 then closes the connection after this response
+            headers["Connection"] = "close"
+        return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
+
+    @app.middleware("http")
+    async def no_smuggling(request: Request, call_next):
+        # RFC 9112 6.1: a request with both is a smuggling attempt (a proxy may frame it by Content-Length while
+        # h11 frames it by chunks); refuse it and close, so the bytes behind it are never read as a request.
+        if "transfer-encoding" in request.headers and "content-length" in request.headers:
+            return err(400, "request has both Transfer-Encoding and Content-Length; refused, connection closed",
+                       close=True)
+        return await call_next(request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -392,6 +346,14 @@ def create_app(reward: Reward | str, token: str | None = None, max_payload_bytes
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def scored(planned: PlannedRequest) -> torch.Tensor:
+        await budget.acquire(planned.pixels)
+        try:
+            req = await asyncio.to_thread(planned.decode)
+            return await batcher.submit(req)
+        finally:
+            budget.release(planned.pixels)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "reward": reward.name, "modality": reward.modality,
@@ -413,22 +375,25 @@ def create_app(reward: Reward | str, token: str | None = None, max_payload_bytes
                             "this server never accepts pickle")
         try:
             start = time.monotonic()
+            read_limit = min(timeout, body_timeout)
             try:
-                raw = await asyncio.wait_for(read_body(request), timeout)
+                raw = await asyncio.wait_for(read_body(request), read_limit)
             except asyncio.TimeoutError:
-                raise RequestError(408, f"request body not received within {timeout} s") from None
+                raise RequestError(408, f"request body not received within {read_limit} s") from None
             try:
                 body = json.loads(raw)
             except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep
                 raise RequestError(400, f"body is not valid JSON: {e}") from None
-            req = await asyncio.to_thread(parse_request, body, reward, max_image_pixels)
+            del raw
+            planned = await asyncio.to_thread(plan_request, body, reward, max_image_pixels)
+            del body
             remaining = timeout - (time.monotonic() - start)
             try:
-                scores = await asyncio.wait_for(batcher.submit(req), max(remaining, 1e-3))
+                scores = await asyncio.wait_for(scored(planned), max(remaining, 1e-3))
             except asyncio.TimeoutError:
                 return err(504, f"scoring did not finish within {timeout} s")
         except RequestError as e:
-            return err(e.status, e.message)
+            return err(e.status, e.message, close=e.status == 408)  # 413: uvicorn drains (discards) the rest
         except (ValueError, TypeError) as e:  # the reward's own input checks
             return err(422, f"reward {reward.name!r} rejected the input: {e}")
         except Exception as e:  # a reward failure is the server's problem, not the client's
@@ -443,13 +408,22 @@ def create_app(reward: Reward | str, token: str | None = None, max_payload_bytes
     return app
 
 
+def _uvicorn_config(app: Any, log_level: str, header_timeout: float, timeout_keep_alive: int = 5) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False,
+                          http=guarded_h11(header_timeout), timeout_keep_alive=timeout_keep_alive)
+
+
 def _check_exposure(host: str, token: str | None) -> None:
     if not token and not is_loopback(host):
         raise ValueError(f"refusing to serve on {host!r} without a token: pass token=... (or set ${TOKEN_ENV}); "
                          "only loopback addresses (127.0.0.1, ::1, localhost) may run without one")
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv6 when the host has a colon; ``port=0`` picks a free one),
+    inheritable so a uvicorn server (this one or the labelling server) can serve on it."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -464,18 +438,18 @@ class RewardServer:
     also stops itself after that many seconds (a safety net for tests and benchmarks)."""
 
     def __init__(self, reward: Reward | str, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 lifetime: float | None = None, log_level: str = "warning", **app_kwargs: Any) -> None:
+                 lifetime: float | None = None, log_level: str = "warning", header_timeout: float = 10.0,
+                 **app_kwargs: Any) -> None:
         import uvicorn
 
         _check_exposure(host, token)
         self.app = create_app(reward, token=token, **app_kwargs)
-        self.sock = _bind(host, port)
+        self.sock = bind_socket(host, port)
         self.port = self.sock.getsockname()[1]
         self.host = host
         h = f"[{host}]" if ":" in host else host
         self.url = f"http://{h}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, lifespan="on",
-                                                    timeout_keep_alive=30, access_log=False))
+        self.server = uvicorn.Server(_uvicorn_config(self.app, log_level, header_timeout, timeout_keep_alive=30))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name=f"reward-server-{self.port}", daemon=True)
         self.thread.start()
@@ -516,17 +490,19 @@ def start_server(reward: Reward | str, host: str = "127.0.0.1", port: int = 0, *
 def serve(reward: Reward | str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           max_payload_bytes: int = 64 << 20, timeout: float = 120.0, max_batch: int = 64,
           batch_window_ms: float = 5.0, max_image_pixels: int = 16 << 20, log_level: str = "info",
-          lifetime: float | None = None) -> None:
+          lifetime: float | None = None, max_inflight_pixels: int | None = None, header_timeout: float = 10.0,
+          body_timeout: float = 60.0) -> None:
     """Serve ``reward`` until interrupted (or for ``lifetime`` seconds). A token is required unless ``host`` is
     loopback."""
     import uvicorn
 
     _check_exposure(host, token)
     app = create_app(reward, token=token, max_payload_bytes=max_payload_bytes, timeout=timeout,
-                     max_batch=max_batch, batch_window_ms=batch_window_ms, max_image_pixels=max_image_pixels)
-    sock = _bind(host, port)
+                     max_batch=max_batch, batch_window_ms=batch_window_ms, max_image_pixels=max_image_pixels,
+                     max_inflight_pixels=max_inflight_pixels, body_timeout=body_timeout)
+    sock = bind_socket(host, port)
     logger.info("serving reward on http://%s:%d", host, sock.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False))
+    server = uvicorn.Server(_uvicorn_config(app, log_level, header_timeout))
     if lifetime:
         timer = threading.Timer(lifetime, lambda: setattr(server, "should_exit", True))
         timer.daemon = True
@@ -561,6 +537,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     p.add_argument("--max-batch", type=int, default=64, help="samples per merged reward call; <=1 disables batching")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long to wait for more requests")
+    p.add_argument("--max-image-pixels", type=int, default=16 << 20,
+                   help="pixel sum of one request (images x frames x H x W), checked on headers before decoding")
+    p.add_argument("--max-inflight-pixels", type=int, default=None,
+                   help="decoded pixels of all requests in flight (default 2 x --max-image-pixels)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a whole request head")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds to send the request body")
     p.add_argument("--log-level", default="info")
     p.add_argument("--lifetime", type=float, default=None, help="stop by itself after this many seconds")
     args = p.parse_args(list(argv) if argv is not None else None)
@@ -578,7 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve(reward, host=args.host, port=args.port, token=args.token,
               max_payload_bytes=int(args.max_payload_mb * (1 << 20)), timeout=args.timeout,
               max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, log_level=args.log_level,
-              lifetime=args.lifetime)
+              lifetime=args.lifetime, max_image_pixels=args.max_image_pixels,
+              max_inflight_pixels=args.max_inflight_pixels, header_timeout=args.header_timeout,
+              body_timeout=args.body_timeout)
     except ValueError as e:
         p.error(str(e))
     return 0

@@ -6,6 +6,8 @@ Video input (``B,T,C,H,W``) is scored per frame and averaged over time.
 from __future__ import annotations
 
 import io
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -16,6 +18,7 @@ from flowalign.rewards._image import to_uint8_hwc
 from flowalign.rewards.base import REWARDS, Reward
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
+JPEG_MAX_SIDE = 65500  # libjpeg's JPEG_MAX_DIMENSION: a longer side cannot be encoded
 
 
 def _per_frame(fn, x: Tensor) -> Tensor:
@@ -26,7 +29,14 @@ def _per_frame(fn, x: Tensor) -> Tensor:
 
 
 def jpeg_kilobytes(images: Tensor, quality: int = 95) -> Tensor:
-    """Size in kB (``bytes/1000``) of each image saved as JPEG at ``quality`` (DDPO ``rewards.py``)."""
+    """Size in kB (``bytes/1000``) of each image saved as JPEG at ``quality`` (DDPO ``rewards.py``).
+
+    ``images``: ``B,C,H,W`` float in [0, 1] with ``C in {1, 3}``; sides up to 65,500 px (the JPEG format's limit)."""
+    h, w = images.shape[-2:]
+    if max(h, w) > JPEG_MAX_SIDE:
+        raise ValueError(f"images of {h}x{w} cannot be JPEG-encoded: a JPEG side is at most {JPEG_MAX_SIDE} px")
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"JPEG encodes 1 (grey) or 3 (RGB) channels, got shape {tuple(images.shape)} (B,C,H,W)")
     sizes = []
     for a in to_uint8_hwc(images):
         buf = io.BytesIO()
@@ -46,7 +56,13 @@ class JpegCompressibility(Reward):
     def __init__(self, quality: int = 95, divisor: float = 1.0, device: str | torch.device = "cpu",
                  batch_size: int | None = 64) -> None:
         super().__init__(device=device, batch_size=batch_size)
-        self.quality, self.divisor = quality, float(divisor)
+        if isinstance(quality, bool) or not isinstance(quality, numbers.Integral) or not 1 <= quality <= 100:
+            raise ValueError(f"JPEG quality must be an integer in [1, 100] (Pillow's scale; DDPO uses 95), "
+                             f"got {quality!r}")
+        divisor = float(divisor)
+        if not math.isfinite(divisor) or divisor <= 0:
+            raise ValueError(f"divisor must be a finite number > 0, got {divisor}")
+        self.quality, self.divisor = int(quality), divisor
 
     def score(self, inputs: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
         return self.sign * _per_frame(lambda x: jpeg_kilobytes(x, self.quality), inputs) / self.divisor
@@ -72,6 +88,8 @@ class Brightness(Reward):
     def __init__(self, target: float | None = None, device: str | torch.device = "cpu",
                  batch_size: int | None = None) -> None:
         super().__init__(device=device, batch_size=batch_size)
+        if target is not None and not (isinstance(target, numbers.Real) and 0 <= target <= 1):
+            raise ValueError(f"brightness target must be a number in [0, 1] (mean luma) or None, got {target!r}")
         self.target = target
 
     def _luma(self, x: Tensor) -> Tensor:
@@ -98,7 +116,7 @@ class ColorTarget(Reward):
     def __init__(self, color: Sequence[float] = (1.0, 0.0, 0.0), device: str | torch.device = "cpu",
                  batch_size: int | None = None) -> None:
         super().__init__(device=device, batch_size=batch_size)
-        if len(color) != 3:
+        if len(color) != 3 or not all(isinstance(c, numbers.Real) and 0 <= c <= 1 for c in color):
             raise ValueError(f"color must be an RGB triple in [0, 1], got {color!r}")
         self.color = tuple(float(c) for c in color)
 

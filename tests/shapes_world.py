@@ -3,15 +3,21 @@
 ``RELATION_PROMPTS`` are four relation prompts the shipped shapes model gets right about a third of the time (strict
 accuracy ~0.2-0.35), so a handful of RL iterations has room to move them. ``train_on_relations`` trains a shipped
 recipe on them (4 prompts x 16 samples per iteration, no EMA, no checkpoints) and returns the strict accuracy of
-deterministic samples on fixed noise before and after, with the training history.
+deterministic samples on fixed noise before and after, with the training history. The shipped recipes all start
+from the same shipped model, so the "before" accuracy is computed once per session (``shared_cache``, see
+``tests/conftest.py``) and reused by every learning test that asks for the same model and evaluation.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from tests.conftest import SharedCache
 
 ROOT = Path(__file__).resolve().parents[1]
 RELATION_PROMPTS = ["a red triangle left of a blue triangle", "a blue square right of a green square",
@@ -30,11 +36,13 @@ def strict_accuracy(adapter, prompts: list[str], seeds: int = 32) -> torch.Tenso
     return ShapesGenEval(mode="strict")(traj.images.clamp(0, 1), traj.sample_prompts)
 
 
-def train_on_relations(recipe: str, tmp_path: Path, iterations: int, *overrides: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+def train_on_relations(recipe: str, tmp_path: Path, iterations: int, *overrides: str,
+                       cache: SharedCache | None = None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """``recipes/<recipe>`` for ``iterations`` rounds of the four relation prompts x 16 samples.
 
-    Returns (accuracy before, accuracy after, per-iteration records); prints a one-line summary for the CI log."""
+    Returns (accuracy before, accuracy after, per-iteration records); prints a one-line summary for the CI log.
+    ``cache``: the session's ``shared_cache``; the accuracy before training is then computed once per model config
+    (the first test computes it on its freshly built trainer, bit-identical to what the others would compute)."""
     from flowalign.config import load_config
     from flowalign.trainer import Trainer
 
@@ -44,7 +52,11 @@ def train_on_relations(recipe: str, tmp_path: Path, iterations: int, *overrides:
         "ema.enabled=false", "checkpoint.save_final=false", "checkpoint.every=0", f"max_iterations={iterations}",
         "log.progress=false", f"output_dir={tmp_path}", *overrides])
     trainer = Trainer(cfg)
-    before = strict_accuracy(trainer.adapter, RELATION_PROMPTS)
+    base = lambda: strict_accuracy(trainer.adapter, RELATION_PROMPTS)  # noqa: E731
+    # the key: everything that fixes the untrained model and the evaluation (prompts, seeds, sampler, threads)
+    key = json.dumps({"base_strict_accuracy": RELATION_PROMPTS, "model": cfg.to_dict()["model"], "threads": 1},
+                     sort_keys=True)
+    before = base() if cache is None else cache.get(key, base)
     history = trainer.train()
     after = strict_accuracy(trainer.adapter, RELATION_PROMPTS)
     print(f"{recipe}: strict accuracy {before.mean():.3f} -> {after.mean():.3f}; train reward "

@@ -118,7 +118,8 @@ def test_shapes_and_predict(adapters, family):
     assert x.shape == (3, *LATENT_SHAPE[family]) and torch.equal(x, adapter.init_noise(3, _gen(2)))
     cond = adapter.encode(PROMPTS[:3], negative="")
     s = adapter.sigmas(N)
-    assert s.shape == (N + 1,) and s.dtype == torch.float32 and bool((s[1:] < s[:-1]).all())
+    want = torch.float64 if adapter.prediction_type == "epsilon" else torch.float32  # see flowalign.sde FP64_KERNELS
+    assert s.shape == (N + 1,) and s.dtype == want and bool((s[1:] < s[:-1]).all())
     out = adapter.predict(x, s[2], cond, guidance)
     assert out.shape == x.shape and out.std().item() > 1e-3
     torch.testing.assert_close(adapter.predict(x, s[2].expand(3).clone(), cond, guidance), out, rtol=0, atol=1e-6)

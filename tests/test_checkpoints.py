@@ -118,8 +118,8 @@ def test_hand_made_partial_dirs_are_ignored(tmp_path):
     (root / "checkpoint-00000012").write_text("a file, not a directory")
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["checkpoint-00000005"]
     assert ckpt.resolve("latest", root) == root / "checkpoint-00000005"
-    with pytest.raises(FileNotFoundError, match="no checkpoint exists"):
-        ckpt.resolve("latest", tmp_path / "empty")
+    # no checkpoint at all (a run killed before its first save): None, the trainer starts afresh (issue 22)
+    assert ckpt.resolve("latest", tmp_path / "empty") is None
 
 
 def _rmtree_dying_midway(real_rmtree):

@@ -137,7 +137,7 @@ def test_cross_field_errors():
         load_config(base(), ["eval.every=5"])
     with pytest.raises(ConfigError, match=r"sample\.prompts='missing\.txt': file not found"):
         load_config(base(), ["sample.prompts=missing.txt"])
-    with pytest.raises(ConfigError, match=r"train\.method_options: unknown key"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.method_options\.clip'"):
         load_config(base(), ["train.method_options={clip: 1}"])
 
 
@@ -150,3 +150,37 @@ def test_prompt_files(tmp_path):
     assert load_prompts(str(jl)) == (["two cats"], [{"tag": "counting"}])
     cfg = load_config(base(), [f"sample.prompts={jl}"])
     assert cfg.sample.prompts == str(jl)
+
+
+def test_help_config_lists_method_options(capsys):
+    """``flowalign train --help-config [recipe]``: the schema plus method options (the recipe's method, or every
+    method under its own heading); every method option has a help string; a typo'd option names a suggestion."""
+    from flowalign.cli import train_main
+    from flowalign.methods import METHODS
+
+    for name in METHODS.names():
+        opts = METHODS.get(name).Options
+        missing = [f.name for f in dataclasses.fields(opts) if not f.metadata.get("help")]
+        assert not missing, f"{name}: train.method_options without help: {missing}"
+    assert train_main(["--help-config", str(ROOT / "recipes/shapes_refl.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "train.clip_range (float" in out and "# train.method_options of train.method=refl" in out
+    assert "train.method_options.step_range (list[float], default [0.75, 1.0]): [lo, hi] fractions" in out
+    assert "train.method_options.objective (" in out and "nested_scale" not in out  # refl's own, not leapalign's
+    assert train_main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS.names():
+        assert f"# train.method_options of train.method={name}\n" in out
+    assert "train.method_options.nested_scale (float, default 0.3): Scale a of the nested gradient" in out
+    assert "train.method_options.label_app (str, default 'flowalign.labeling:LabelServer')" in out
+    # a typo in method_options: ConfigError with the key path and a suggestion, at load and in --help-config
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.method_options\.step_rnge'.*Did you mean "
+                                          r"'train\.method_options\.step_range'"):
+        load_config(ROOT / "recipes/shapes_refl.yaml", ["train.method_options.step_rnge=[0.5, 1.0]"])
+    assert train_main(["--help-config", str(ROOT / "recipes/shapes_refl.yaml"),
+                       "train.method_options.step_rnge=[0.5, 1.0]"]) == 2
+    assert "Did you mean 'train.method_options.step_range'" in capsys.readouterr().err
+    # an LLM recipe gets the LLM trainer's schema, not the image one
+    assert train_main(["--help-config", str(ROOT / "recipes/llm_grpo.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "model.lora.enabled (bool" in out and "sample.group_size" not in out and "train.method_options" not in out

@@ -52,6 +52,7 @@ def test_doctor_passes_on_a_correct_adapter(recipe, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert _rows(out) == dict.fromkeys(ROWS, "PASS") and "all checks passed" in out
+    assert "log-prob density gaussian, reduction mean" in out  # the density in use is printed
 
 
 def test_doctor_fails_loudly_on_a_wrong_scheduler_shift(recipe, capsys, monkeypatch):

@@ -127,12 +127,12 @@ def test_guard_first_update_ratio_one_loss_and_gap(tmp_path):
     assert first
     for b in first:
         loss, m = tr.method.loss(b)
-        rows, j = b.data["rows"], b.data["step"]
+        rows, j = b.data.rows, b.data.step
         adv = st.adv[rows].clamp(-5, 5)
         dt = (st.sigmas[j + 1] - st.sigmas[j]).abs()
         assert m["ratio_min"].item() == 1.0 and m["ratio_max"].item() == 1.0  # exactly: new mean == stored mean
         assert m["policy_loss"].item() == pytest.approx(-(adv / dt).mean().item(), rel=1e-6)
-        assert loss.item() == pytest.approx(-(adv / dt).sum().item() * b.data["weight"], rel=1e-6)
+        assert loss.item() == pytest.approx(-(adv / dt).sum().item() * b.weight, rel=1e-6)
         assert m["logprob_gap_max"].item() <= 1e-6 and f"logprob_gap_max_step{j}" in m
         loss.backward()
     # a later update sees the moved policy: the normalised ratio leaves 1, the gap is not logged there
@@ -153,7 +153,7 @@ def test_step_reweight_scales_the_steps_by_one_over_dt(tmp_path):
         tr.module.train()
     b = plain.col.batches[0]
     st = plain.method._store
-    dt = (st.sigmas[b.data["step"] + 1] - st.sigmas[b.data["step"]]).abs().item()
+    dt = (st.sigmas[b.data.step + 1] - st.sigmas[b.data.step]).abs().item()
     l0, _ = plain.method.loss(b)
     l1, _ = weighted.method.loss(b)
     assert l1.item() == pytest.approx(l0.item() / dt, rel=1e-6) and dt < 0.5
@@ -169,9 +169,9 @@ def test_trainer_logs_the_gap_and_extremes(tmp_path):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"ratio_norm": "yes"}, "ratio_norm must be true or false"),
-    ({"step_reweight": 1}, "step_reweight must be true or false"),
-    ({"rationorm": True}, "unknown key"),
+    ({"ratio_norm": "yes"}, r"ratio_norm: expected bool \(true/false\)"),
+    ({"step_reweight": 1}, r"step_reweight: expected bool \(true/false\)"),
+    ({"rationorm": True}, r"unknown config key 'train\.method_options\.rationorm'"),
 ])
 def test_guard_option_errors(tmp_path, options, match):
     with pytest.raises(ConfigError, match=match):
@@ -200,20 +200,20 @@ def test_shapes_recipe_runs_one_step(tmp_path):
     before = [p.detach().clone() for p in tr.params]
     rec = tr.step()
     assert rec["samples"] == 8 and rec["logprob_gap_max"] <= 1e-6 and rec["ratio_min"] <= 1 <= rec["ratio_max"]
-    assert rec["num_updates"] == 0 or any(not torch.equal(a, p) for a, p in zip(before, tr.params))
+    assert rec["num_updates"] > 0 and any(not torch.equal(a, p) for a, p in zip(before, tr.params))  # 4 updates
     tr.method.close()
 
 
 # ------------------------------------------------------------------------------------------------ learning
 @pytest.mark.slow
-def test_grpo_guard_raises_shapes_verifier_accuracy(tmp_path):
+def test_grpo_guard_raises_shapes_verifier_accuracy(tmp_path, shared_cache):
     """10 iterations of 4 relation prompts x 16 samples with recipes/shapes_grpo_guard.yaml (lr 1e-4, clip 1e-4) lift
     the verifier's strict accuracy on those prompts (128 samples on shared noise). Measured: 0.34 -> 0.57 in these 10
     iterations (~60 s of CPU). Over 12 iterations (one run each): GRPO-Guard 0.34 -> 0.69, plain Flow-GRPO with the
     same lr 0.34 -> 0.53; at lr 3e-4 both degraded in this small-batch setting (Flow-GRPO 0.12, GRPO-Guard 0.30)."""
     from tests.shapes_world import reward_trend, train_on_relations
 
-    before, after, hist = train_on_relations("shapes_grpo_guard.yaml", tmp_path, 10)
+    before, after, hist = train_on_relations("shapes_grpo_guard.yaml", tmp_path, 10, cache=shared_cache)
     assert after.mean() > before.mean() + 0.15
     assert reward_trend(hist) > 0
     assert all(h["logprob_gap_max"] <= 1e-6 for h in hist)  # rollout and training forwards agree throughout

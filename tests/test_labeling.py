@@ -94,7 +94,10 @@ def client(tmp_path):
     from starlette.testclient import TestClient
 
     rows = make_queue(tmp_path / "q")
-    with TestClient(create_app(tmp_path / "q", annotator="me")) as c:
+    app = create_app(tmp_path / "q", annotator="me")
+    # the page's own calls: a loopback Host, JSON, and the session token the page embeds
+    with TestClient(app, base_url="http://127.0.0.1:8765",
+                    headers={"X-Label-Session": app.state.session_token}) as c:
         yield c, rows, tmp_path / "q"
 
 
@@ -107,7 +110,7 @@ def test_api_labels_in_order_with_progress_and_undo(client):
     s = c.post("/api/label", json={"id": "pair0", "choice": "b"}).json()
     s = c.post("/api/label", json={"id": "pair1", "choice": "skip"}).json()
     assert s["pair"]["id"] == "pair2" and s["progress"]["done"] == 2 and s["progress"]["skipped"] == 1
-    s = c.post("/api/undo").json()
+    s = c.post("/api/undo", json={}).json()
     assert s["undone"] == "pair1" and s["pair"]["id"] == "pair1" and s["progress"]["done"] == 1
     assert c.post("/api/label", json={"id": "nope", "choice": "a"}).status_code == 404
     assert c.post("/api/label", json={"id": "pair1", "choice": "left"}).status_code == 400
@@ -134,12 +137,12 @@ def test_token_is_required_beyond_loopback(tmp_path):
     with pytest.raises(ValueError, match="without a token"):
         LabelServer(tmp_path, host="0.0.0.0")
     app = create_app(tmp_path, token="s3cret")
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         assert c.get("/api/state").status_code == 401
         assert c.get("/?token=wrong").status_code == 401
         assert c.get("/?token=s3cret").status_code == 200  # sets the cookie
         assert c.get("/api/state").status_code == 200
-    with TestClient(app) as c:  # a fresh browser: header works, a wrong one does not
+    with TestClient(app, base_url="http://127.0.0.1") as c:  # a fresh browser: header works, a wrong one not
         assert c.get("/api/state", headers={"x-label-token": "wrong"}).status_code == 401
         assert c.get("/api/state", headers={"x-label-token": "s3cret"}).status_code == 200
 
@@ -150,8 +153,11 @@ def test_real_server_and_cli_status_export(tmp_path, capsys):
     rows = make_queue(tmp_path / "q")
     with LabelServer(tmp_path / "q") as server:
         assert server.url.startswith("http://127.0.0.1:")
+        session = {"X-Label-Session": server.session_token}
+        assert f'content="{server.session_token}"' in httpx.get(server.url).text  # the page embeds it
         for r, choice in zip(rows, ["a", "b", "tie", "b"]):
-            assert httpx.post(server.url + "api/label", json={"id": r["id"], "choice": choice}).status_code == 200
+            assert httpx.post(server.url + "api/label", json={"id": r["id"], "choice": choice},
+                              headers=session).status_code == 200
         assert httpx.get(server.url + "api/state").json()["pair"] is None
     assert label_main(["status", str(tmp_path / "q")]) == 0
     assert "4 of 4 pairs labelled (0 skipped), 0 to go" in capsys.readouterr().out
@@ -269,6 +275,7 @@ def test_d3po_waits_for_human_labels_from_the_web_app(tmp_path):
                                        "serve": True, "serve_port": 0, "label_timeout_s": 120})
     trainer = Trainer(cfg)
     url = trainer.method.server.url
+    session = {"X-Label-Session": trainer.method.server.session_token}
     decided = {}
 
     def person():  # label the redder image better, skip the second pair
@@ -287,7 +294,7 @@ def test_d3po_waits_for_human_labels_from_the_web_app(tmp_path):
                 red = {side: _redness(load_media(folder / pair[side]["url"][len("/media/"):]))
                        for side in ("left", "right")}
                 choice = pair["left"]["key"] if red["left"] > red["right"] else pair["right"]["key"]
-            httpx.post(url + "api/label", json={"id": pair["id"], "choice": choice})
+            httpx.post(url + "api/label", json={"id": pair["id"], "choice": choice}, headers=session)
             decided[pair["id"]] = choice
 
     th = threading.Thread(target=person, daemon=True)
@@ -306,10 +313,49 @@ def test_d3po_waits_for_human_labels_from_the_web_app(tmp_path):
     # resuming the same round re-uses its labels instead of waiting; a new round with nobody labelling times out
     cfg2 = _tiny_cfg(tmp_path, options={"preference": "human", "labels_dir": str(folder), "poll_s": 0.05,
                                         "label_timeout_s": 0.3})
-    again = Trainer(cfg2)
+    again = Trainer(cfg2, overwrite=True)  # a fresh Trainer in the used output dir (issue 22: refused without it)
     assert again.step()["pairs"] == 1
     with pytest.raises(TimeoutError, match="flowalign label serve"):
         again.step()
+
+
+def test_d3po_queues_every_chunk_of_a_round_for_people(tmp_path):
+    """With two sampling chunks per round, every pair of both chunks is queued with its own image (the round keeps
+    every chunk's images for people), and labels from the log -- written here by a 'person' thread, choosing the
+    redder image -- decide the trained pairs."""
+    from flowalign.trainer import Trainer
+
+    folder = tmp_path / "labels"
+    cfg = _tiny_cfg(tmp_path, options={"preference": "human", "labels_dir": str(folder), "poll_s": 0.05,
+                                       "label_timeout_s": 120})
+    cfg.sample.prompts_per_round = 4  # 8 rows = 2 chunks of sample.batch_size=4
+    trainer = Trainer(cfg)
+    done = threading.Event()
+
+    def person():
+        log, seen = pf.LabelLog(folder / pf.LABELS_FILE), set()
+        deadline = time.monotonic() + 120
+        while len(seen) < 4 and time.monotonic() < deadline:
+            for row in pf.read_queue(folder) if (folder / pf.QUEUE_FILE).is_file() else []:
+                if row["id"] not in seen:
+                    red = [_redness(pf.load_media(folder / row[k])) for k in ("a", "b")]
+                    log.record(row["id"], "a" if red[0] > red[1] else "b", "tester")
+                    seen.add(row["id"])
+            time.sleep(0.05)
+        done.set()
+
+    th = threading.Thread(target=person, daemon=True)
+    th.start()
+    rec = trainer.step()
+    th.join(timeout=10)
+    queue = pf.read_queue(folder)
+    assert done.is_set() and len(queue) == 4 and rec["labeled_frac"] == 1.0 and rec["pairs"] == 4
+    st = trainer.method._store
+    images = {f"iter_000000/{r:06d}.png" for r in range(8)}
+    assert {row["a"] for row in queue} | {row["b"] for row in queue} == images
+    for w, lo in st.pairs.tolist():  # the chosen image of each trained pair is the redder one on disk
+        assert _redness(pf.load_media(folder / f"iter_000000/{w:06d}.png")) > \
+            _redness(pf.load_media(folder / f"iter_000000/{lo:06d}.png"))
 
 
 def test_labelled_folder_trains_dpo_and_auto_label(tmp_path):

@@ -85,22 +85,24 @@ def test_generate_engines_stop_strings_and_truncation(embedded):
 
 
 def test_config_presets_overrides_and_errors(tmp_path):
-    cfg = load("recipes/llm_dapo.yaml", ["algo.eps_high=0.3", "optim.lr=1e-3"])
+    from flowalign.config import ConfigError
+
+    cfg = load("recipes/llm_dapo.yaml", ["algo.eps_high=0.3", "train.lr=1e-3"])
     assert cfg.algo.loss_agg_mode == "token-mean" and cfg.algo.dynamic_sampling and cfg.algo.eps_high == 0.3
-    assert cfg.optim.lr == 1e-3
+    assert cfg.train.lr == 1e-3
     assert load(None, ["algo.preset=dr_grpo"]).algo.advantage == "no_std"
     assert set(PRESETS) == {"grpo", "dapo", "dr_grpo", "rloo", "reinforce_pp", "mc_grpo", "gdpo"}
     for bad, msg in [(["algo.loss_agg_mode=mean"], "algo.loss_agg_mode='mean' is not allowed"),
-                     (["rollout.groupsize=4"], "unknown key\\(s\\) rollout.groupsize"),
-                     (["optim.lr=fast"], "optim.lr must be float"),
-                     (["algo.advantage=gdpo", "rewards=[arith_answer]"], "gdpo' needs at least two rewards")]:
-        with pytest.raises(ValueError, match=msg):
+                     (["rollout.groupsize=4"], "unknown config key 'rollout.groupsize'"),
+                     (["train.lr=fast"], "train.lr: expected float"),
+                     (["algo.advantage=gdpo", "reward.weights={arith_answer: 1}"], "gdpo' needs at least two rewards")]:
+        with pytest.raises(ConfigError, match=msg):
             load(None, bad)
 
 
 def _cfg(tmp_path, *extra):
     return load("recipes/llm_grpo.yaml", [f"output_dir={tmp_path}", "rollout.prompts_per_step=4",
-                                          "rollout.group_size=4", "train.micro_batch=6", "train.eval_prompts=16",
+                                          "rollout.group_size=4", "train.batch_size=6", "eval.num_prompts=16",
                                           *extra])
 
 
@@ -213,7 +215,7 @@ def test_zero_advantage_skip_is_exact(tmp_path, monkeypatch):
     grads = []
     for skip in (True, False):
         tr = LLMTrainer(_cfg(tmp_path / str(skip), "algo.beta=0.0", f"train.skip_zero_advantage={skip}",
-                             "train.micro_batch=8"))
+                             "train.batch_size=8"))
         m = tr.train_step()
         assert m["zero_adv_groups_skipped"] == (2 if skip else 0)
         grads.append(_grads(tr))

@@ -14,8 +14,8 @@ def test_grpo_raises_heldout_accuracy(tmp_path):
     from flowalign.llm.trainer import LLMTrainer
 
     torch.set_num_threads(1)
-    cfg = load("recipes/llm_grpo.yaml", [f"output_dir={tmp_path}", "train.steps=90", "train.eval_every=0",
-                                         "train.eval_prompts=500"])
+    cfg = load("recipes/llm_grpo.yaml", [f"output_dir={tmp_path}", "train.steps=90", "eval.every=0",
+                                         "eval.num_prompts=500"])
     tr = LLMTrainer(cfg)
     history = tr.train(progress=False)
     evals = [json.loads(line)["eval"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -28,4 +28,4 @@ def test_grpo_raises_heldout_accuracy(tmp_path):
     first = sum(h["reward"] for h in history[:10]) / 10
     last = sum(h["reward"] for h in history[-10:]) / 10
     assert last > first + 0.1  # the training reward curve goes up too
-    assert (tmp_path / f"checkpoint-{cfg.train.steps}" / "weights.safetensors").exists()
+    assert (tmp_path / "checkpoints" / f"checkpoint-{cfg.train.steps:08d}" / "weights.safetensors").exists()

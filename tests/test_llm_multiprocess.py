@@ -53,8 +53,8 @@ def _run(cmd: list[str], timeout: float = 420) -> str:
 @pytest.mark.parametrize("case", list(CASES))
 def test_llm_two_processes_match_one(tmp_path, case):
     recipe, extra = CASES[case]
-    common = ["train.steps=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.micro_batch=4",
-              "train.eval_prompts=4", "train.eval_every=0", "train.threads=1", "optim.lr=3e-3",
+    common = ["train.steps=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.batch_size=4",
+              "eval.num_prompts=4", "eval.every=0", "train.threads=1", "train.lr=3e-3",
               "rollout.logprob_micro_batch=4", *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "flowalign.cli", "train", recipe, f"output_dir={one}",
@@ -62,9 +62,9 @@ def test_llm_two_processes_match_one(tmp_path, case):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "flowalign.cli", "train", recipe, f"output_dir={two}", "rollout.prompts_per_step=2", *common])
 
-    c1, c2 = one / "checkpoint-2", two / "checkpoint-2"
-    assert torch.load(c2 / "trainer_state.pt", weights_only=True)["world_size"] == 2  # really two ranks
-    assert torch.load(c1 / "trainer_state.pt", weights_only=True)["world_size"] == 1
+    c1, c2 = one / "checkpoints" / "checkpoint-00000002", two / "checkpoints" / "checkpoint-00000002"
+    assert json.loads((c2 / "state.json").read_text())["world_size"] == 2  # really two ranks
+    assert json.loads((c1 / "state.json").read_text())["world_size"] == 1
     w1, w2 = load_file(str(c1 / "weights.safetensors")), load_file(str(c2 / "weights.safetensors"))
     assert w1.keys() == w2.keys()
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
@@ -86,9 +86,9 @@ def test_llm_two_processes_dapo_dynamic_sampling(tmp_path):
     out = tmp_path / "dapo"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
           "flowalign.cli", "train", "recipes/llm_dapo.yaml", f"output_dir={out}", "rollout.prompts_per_step=3",
-          "train.steps=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.micro_batch=4",
-          "train.eval_prompts=4", "train.eval_every=0", "train.threads=1", "algo.mini_batches=2"])
-    assert torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=True)["world_size"] == 2
+          "train.steps=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.batch_size=4",
+          "eval.num_prompts=4", "eval.every=0", "train.threads=1", "algo.mini_batches=2"])
+    assert json.loads((out / "checkpoints" / "checkpoint-00000002" / "state.json").read_text())["world_size"] == 2
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval" not in x]
     assert len(steps) == 2 and all(m.get("groups_kept", 0) <= 3 for m in steps)
     assert any("loss" in m and m["loss"] == m["loss"] for m in steps)

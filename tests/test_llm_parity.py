@@ -4,6 +4,8 @@ Same tiny Llama, same prompts/completions/masks/advantages/old and reference log
 ``token_logps`` + ``policy_loss`` must give TRL's loss and every parameter gradient to 1e-5, for each TRL
 ``loss_type`` we map (grpo, bnpo, dr_grpo, dapo), with and without the k3 KL term, off-policy ratios that hit
 both clip bounds, clip-higher, GSPO sequence ratios, and a step split into two accumulated micro-batches.
+Log-probs use ``position_ids="arange"`` (TRL passes no position ids). tests/test_llm_trl_e2e.py runs both
+trainers end to end.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL passes t
 
 B, P, C, G = 8, 7, 6, 4
 # TRL loss_type -> our aggregation
-AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+AGG = {"grpo": "seq-mean-token-mean", "bnpo": "micro-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
        "dapo": "token-mean"}
+POS = "arange"  # TRL's positions
 
 
 def _batch(tok, seed=0):
@@ -100,7 +103,7 @@ def test_loss_and_grad_parity_with_trl(case, tmp_path):
     prompt_ids, prompt_mask, comp, cmask, adv, g = _batch(tok)
 
     with torch.no_grad():
-        cur, _ = token_logps(base, prompt_ids, prompt_mask, comp, cmask, temperature=temp)
+        cur, _ = token_logps(base, prompt_ids, prompt_mask, comp, cmask, temperature=temp, position_ids=POS)
     # off-policy old log-probs: ratios spread over [e^-0.4, e^0.4] so both clip bounds are active
     old = cur + (torch.rand(B, C, generator=g) - 0.5) * 0.8
     ref = cur + torch.randn(B, C, generator=g) * 0.3
@@ -115,7 +118,7 @@ def test_loss_and_grad_parity_with_trl(case, tmp_path):
     trl_loss.backward()
 
     ours.train()
-    logp, _ = token_logps(ours, prompt_ids, prompt_mask, comp, cmask, temperature=temp)
+    logp, _ = token_logps(ours, prompt_ids, prompt_mask, comp, cmask, temperature=temp, position_ids=POS)
     out = policy_loss(
         logp, old, adv, cmask, agg=AGG[case["loss_type"]], eps_low=case.get("epsilon", 0.2),
         eps_high=case.get("epsilon_high"), delta=case.get("delta"),
@@ -137,16 +140,17 @@ def test_loss_and_grad_parity_with_trl(case, tmp_path):
     assert worst <= 1e-5, f"max grad diff {worst:.2e} (grad scale {scale:.2e})"
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
 def test_accumulated_micro_batches_match_trl(loss_type, tmp_path):
-    """A step of two micro-batches (TRL gradient_accumulation_steps=2) equals our one-shot step loss."""
+    """A step of two micro-batches (TRL gradient_accumulation_steps=2) equals our step loss: step-level normalisers
+    (grpo, dapo, dr_grpo), or each micro-batch's own token count over 2 windows (bnpo)."""
     base, tok = build_random_model(seed=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     ours, theirs = _copies(base, tmp_path)
     tr = _trainer(theirs, tok, tmp_path, loss_type=loss_type, gradient_accumulation_steps=2)
     tr.current_gradient_accumulation_steps = 2
     prompt_ids, prompt_mask, comp, cmask, adv, g = _batch(tok, seed=3)
     with torch.no_grad():
-        cur, _ = token_logps(base, prompt_ids, prompt_mask, comp, cmask)
+        cur, _ = token_logps(base, prompt_ids, prompt_mask, comp, cmask, position_ids=POS)
     old = cur + (torch.rand(B, C, generator=g) - 0.5) * 0.8
     theirs.train()
     total = 0.0
@@ -160,15 +164,25 @@ def test_accumulated_micro_batches_match_trl(loss_type, tmp_path):
     ours.train()
     ours_total = 0.0
     for half in (slice(0, B // 2), slice(B // 2, B)):  # our micro-batches with step-level normalisers
-        logp, _ = token_logps(ours, prompt_ids[half], prompt_mask[half], comp[half], cmask[half])
+        logp, _ = token_logps(ours, prompt_ids[half], prompt_mask[half], comp[half], cmask[half], position_ids=POS)
+        n_tok = float(cmask[half].sum()) if loss_type == "bnpo" else float(cmask.sum())
         out = policy_loss(logp, old[half], adv[half], cmask[half], agg=AGG[loss_type], norm=C,
-                          num_seqs=B, num_tokens=float(cmask.sum()))
+                          num_seqs=B, num_tokens=n_tok, num_windows=2)
         out.loss.backward()
         ours_total += out.loss.item()
-    assert abs(ours_total - total) <= 1e-5
+    assert abs(ours_total - total) <= 1e-5, (ours_total, total)
     g_ours, g_trl = _grads(ours), _grads(theirs)
     worst = max((g_ours[n] - g_trl[n]).abs().max().item() for n in g_ours)
     assert worst <= 1e-5
+    if loss_type == "bnpo":  # the two halves hold different token counts: the step-level token mean (dapo) differs
+        assert cmask[: B // 2].sum() != cmask[B // 2:].sum()
+        assert abs(total - _step_token_mean(ours, prompt_ids, prompt_mask, comp, cmask, old, adv)) > 1e-4
+
+
+def _step_token_mean(model, prompt_ids, prompt_mask, comp, cmask, old, adv) -> float:
+    with torch.no_grad():
+        logp, _ = token_logps(model, prompt_ids, prompt_mask, comp, cmask, position_ids=POS)
+        return policy_loss(logp, old, adv, cmask, agg="token-mean").loss.item()
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -184,7 +198,7 @@ def test_prefix_shared_training_pass_matches_trl(loss_type, tmp_path):
     prompt_ids = prompt_ids[::G].repeat_interleave(G, 0)  # groups of G rows share one prompt
     prompt_mask = prompt_mask[::G].repeat_interleave(G, 0)
     with torch.no_grad():
-        cur, _ = token_logps(base, prompt_ids, prompt_mask, comp, cmask)
+        cur, _ = token_logps(base, prompt_ids, prompt_mask, comp, cmask, position_ids=POS)
     old = cur + (torch.rand(B, C, generator=g) - 0.5) * 0.8
     theirs.train()
     loss = tr.compute_loss(theirs, {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": comp,
@@ -192,7 +206,7 @@ def test_prefix_shared_training_pass_matches_trl(loss_type, tmp_path):
                                     "num_items_in_batch": cmask.sum()})
     loss.backward()
     ours.train()
-    logp, _ = token_logps_grouped(ours, prompt_ids, prompt_mask, comp, cmask, group_size=G)
+    logp, _ = token_logps_grouped(ours, prompt_ids, prompt_mask, comp, cmask, group_size=G, position_ids=POS)
     out = policy_loss(logp, old, adv, cmask, agg=AGG[loss_type])
     out.loss.backward()
     assert abs(out.loss.item() - loss.item()) <= 1e-5

@@ -34,7 +34,7 @@ def test_recipe_trains_end_to_end(tmp_path, recipe, monkeypatch):
     torch.set_num_threads(1)
     out = tmp_path / "run"
     rc = main(["train", f"recipes/{recipe}", f"output_dir={out}", "train.steps=2", "rollout.prompts_per_step=4",
-               "train.eval_prompts=8", "train.eval_every=0", "train.micro_batch=64"])
+               "eval.num_prompts=8", "eval.every=0", "train.batch_size=64"])
     assert rc == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "eval" not in m]
@@ -44,7 +44,7 @@ def test_recipe_trains_end_to_end(tmp_path, recipe, monkeypatch):
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in trained)
     assert all(math.isfinite(m["reward"]) and m["tokens"] > 0 for m in trained)
     w0 = load_file(str(ROOT / "flowalign" / "llm" / "weights" / "model.safetensors"))
-    w = load_file(str(out / "checkpoint-2" / "weights.safetensors"))
+    w = load_file(str(out / "checkpoints" / "checkpoint-00000002" / "weights.safetensors"))
     moved = max((w[k] - w0[k]).abs().max().item() for k in w0)
     assert moved > 1e-5, f"{recipe}: weights did not change"
     cfg = yaml.safe_load((out / "config.yaml").read_text())

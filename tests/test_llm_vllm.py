@@ -1,4 +1,4 @@
-"""The vLLM rollout engine (``flowalign.llm.rollout.VLLMEngine``) against a fake ``vllm`` module.
+"""The vLLM rollout engine (``flowalign.llm.vllm.VLLMEngine``) against a fake ``vllm`` module.
 
 vLLM needs a GPU and is not installed here, so these tests inject a small ``vllm`` module into ``sys.modules`` that
 implements exactly the API surface the engine calls: ``vllm.LLM(model=..., dtype=..., seed=..., **kw)``,
@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from flowalign.llm.model import WEIGHTS_DIR, load_model
-from flowalign.llm.rollout import VLLMEngine, generate, policy_weights_for_vllm, token_logps
+from flowalign.llm.rollout import generate, token_logps
+from flowalign.llm.vllm import VLLMEngine, policy_weights_for_vllm
 
 
 # ----------------------------------------------------------------------------------------------- the fake vllm
@@ -235,8 +236,8 @@ def _cfg(tmp_path, *extra):
     from flowalign.llm.config import load
 
     return load("recipes/llm_grpo.yaml", [f"output_dir={tmp_path}", "rollout.prompts_per_step=4",
-                                          "rollout.group_size=4", "train.micro_batch=8", "train.eval_prompts=8",
-                                          "optim.lr=3e-3", "rollout.engine=vllm",
+                                          "rollout.group_size=4", "train.batch_size=8", "eval.num_prompts=8",
+                                          "train.lr=3e-3", "rollout.engine=vllm",
                                           "rollout.vllm_kwargs={enforce_eager: true}", *extra])
 
 
@@ -270,7 +271,7 @@ def test_trainer_syncs_new_weights_into_vllm_after_each_step(fake_vllm, tmp_path
 def test_trainer_vllm_lora_weights_are_merged(fake_vllm, tmp_path):
     from flowalign.llm.trainer import LLMTrainer
 
-    tr = LLMTrainer(_cfg(tmp_path, "model.lora.enabled=true", "optim.lr=1e-2"))
+    tr = LLMTrainer(_cfg(tmp_path, "model.lora.enabled=true", "train.lr=1e-2"))
     llm = _LLM.instances[-1]
     tr.train_step()
     tr.train_step()

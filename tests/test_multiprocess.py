@@ -65,18 +65,25 @@ def _assert_same(c1: Path, c2: Path) -> None:
         torch.testing.assert_close(o1["state"][k]["exp_avg"], o2["state"][k]["exp_avg"], atol=1e-6, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> tuple[Path, Path]:
-    """The recipe, and a one-process run of it (checkpoints after iterations 1 and 2)."""
-    tmp = tmp_path_factory.mktemp("mp")
+def _one_process_run(tmp: Path) -> None:
     cfg = tiny_cfg(tmp, "sample.prompts_per_round=3", "sample.batch_size=2", "max_iterations=2", "ema.interval=1",
-                   "checkpoint.every=1", "sample.num_steps=3", "cpu=true")
+                   "checkpoint.every=1", "sample.num_steps=3", "cpu=true",
+                   # the Bessel std these 1e-5 equality bounds were set with (flow_grpo's ddof 0 scales the
+                   # advantages by sqrt(4/3), and Adam's reduction-order noise grew to 1.7e-5 on one weight)
+                   "train.advantage.ddof=1")
     # eval after iteration 2 on 3 prompts: the 2 ranks evaluate different counts (FSDP: with gathered weights)
     cfg.eval.every, cfg.eval.prompts, cfg.eval.num_steps = 2, ["a red apple", "a blue sky", "a green leaf"], 3
     recipe = tmp / "r.yaml"
     recipe.write_text(cfg.to_yaml())
     _run([sys.executable, "-m", "flowalign.cli", "train", str(recipe), f"output_dir={tmp / 'one'}"])
-    return recipe, tmp / "one" / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def one_process(shared_cache) -> tuple[Path, Path]:
+    """The recipe, and a one-process run of it (checkpoints after iterations 1 and 2): run once per session, by
+    whichever xdist worker gets to it first, for all three multi-process tests."""
+    tmp = shared_cache.directory("test_multiprocess.one_process", _one_process_run)
+    return tmp / "r.yaml", tmp / "one" / "checkpoints"
 
 
 def _ckpt(run: Path, it: int) -> Path:

@@ -9,6 +9,7 @@ not depend on the micro-batch split; bad options fail at load time. Slow: NFT ra
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -175,9 +176,9 @@ def test_nft_row_noise_does_not_depend_on_the_micro_batch(tmp_path):
         col = tr.method.collect(tr.state)
         per = {}
         for b in col.batches:
-            for r in b.data["rows"].tolist():
-                one = type(b)(dict(b.data, rows=torch.tensor([r]), weight=1.0), b.update)
-                per[(r, b.data["slot"])] = tr.method.loss(one)[0].item()
+            for r in b.data.rows.tolist():
+                one = type(b)(dataclasses.replace(b.data, rows=torch.tensor([r])), b.update, weight=1.0)
+                per[(r, b.data.slot)] = tr.method.loss(one)[0].item()
         losses[tbs] = per
     assert losses[4].keys() == losses[1].keys()
     for key, v in losses[4].items():
@@ -201,7 +202,7 @@ def test_trainer_runs_nft_with_an_sde_sampler(tmp_path):
     ([], {"old_decay": [0, 0.1, 1.5]}, "old_decay"),
     ([], {"timestep_fraction": 0.1}, "timestep_fraction"),
     ([], {"adv_mode": "best"}, "adv_mode"),
-    ([], {"ratio_norm": True}, "unknown key"),
+    ([], {"ratio_norm": True}, r"unknown config key 'train\.method_options\.ratio_norm'"),
     (["sample.kernel=flow_sde", "sample.noise_level=0.7"], {"ode_solver": "dpm2"}, "deterministic rollouts"),
 ])
 def test_nft_config_errors(tmp_path, overrides, options, match):
@@ -242,12 +243,12 @@ def test_shapes_recipe_runs_one_step(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ learning
 @pytest.mark.slow
-def test_nft_raises_shapes_verifier_accuracy(tmp_path):
+def test_nft_raises_shapes_verifier_accuracy(tmp_path, shared_cache):
     """8 iterations of 4 relation prompts x 16 samples (recipes/shapes_nft.yaml otherwise: full fine-tuning, lr 3e-4)
     lift the verifier's strict accuracy on those prompts (128 samples on shared noise). Measured: 0.34 -> 0.61 in
     these 8 iterations (0.80 after 10), ~50 s on 2 cores."""
     from tests.shapes_world import reward_trend, train_on_relations
 
-    before, after, hist = train_on_relations("shapes_nft.yaml", tmp_path, 8)
+    before, after, hist = train_on_relations("shapes_nft.yaml", tmp_path, 8, cache=shared_cache)
     assert after.mean() > before.mean() + 0.15
     assert reward_trend(hist) > 0

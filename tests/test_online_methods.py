@@ -54,6 +54,95 @@ def config(sd3_path, method="flow_grpo", sample=None, train=None, **top):
 BRANCH = {"kernel": "dance", "noise_level": 0.3, "schedule": "branch", "schedule_options": {"branch_steps": [0, 2, 4]}}
 
 
+# ------------------------------------------------------------------------------------------------ the shared round
+def test_round_split_trains_each_kept_row_once_per_slot_on_any_process_count():
+    """online.split_updates + row_batches: the shared-seed split gives the same (update, global row, slot, weight)
+    work on 1 and 2 processes; each kept row trains once per slot and inner epoch; an update's weights sum to 1."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from flowalign.methods.online import row_batches, split_updates
+
+    cfg = SimpleNamespace(seed=3, train=SimpleNamespace(updates_per_iteration=3, num_inner_epochs=2, shuffle=True))
+    keep = torch.ones(24, dtype=torch.bool)
+    keep[[1, 5, 6, 7, 20]] = False
+    ids = keep.nonzero().flatten()
+    parts, num_updates = split_updates(ids, cfg, 7)
+    assert num_updates == 6 and [len(p) for p in parts[0]] == [7, 6, 6]
+    assert all(torch.equal(a, b) for a, b in zip(parts[1], split_updates(ids, cfg, 7)[0][1]))  # same seed, same cut
+    assert not torch.equal(parts[0][0], split_updates(ids, cfg, 8)[0][0][0])  # another iteration, another shuffle
+
+    def work(world: int) -> list[tuple]:
+        out, n = [], 24 // world
+        for r in range(world):
+            for b in row_batches(parts, r * n, n, 4, [0, 2], lambda rows, j, e: (rows, j, e)):
+                rows, j, e = b.data
+                assert len(rows) <= 4 and b.update // 3 == e
+                out += [(b.update, int(x) + r * n, j, b.weight) for x in rows]
+        return sorted(out)
+
+    one = work(1)
+    assert one == work(2)
+    assert Counter((u // 3, row, j) for u, row, j, _ in one) == Counter(
+        (e, int(r), j) for e in range(2) for r in ids for j in (0, 2))
+    sums = Counter()
+    for u, _, _, w in one:
+        sums[u] += w
+    assert sorted(sums) == list(range(6)) and all(v == pytest.approx(1.0) for v in sums.values())
+
+
+def test_reference_kl_is_the_gaussian_kl_to_the_reference_step():
+    """online.reference_kl: 0 when the reference predicts as the policy; otherwise gaussian_kl of the two step means
+    (reference forward without grad, rows picked by ``expand``)."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from flowalign import sde
+    from flowalign.losses import gaussian_kl
+    from flowalign.methods.base import Runtime
+    from flowalign.methods.online import reference_kl
+
+    state = {"ref": False}
+
+    @contextmanager
+    def reference():
+        state["ref"] = True
+        yield
+        state["ref"] = False
+
+    fake = SimpleNamespace(predict=lambda x, sigma, cond, guidance: (0.3 if state["ref"] else 0.5) * x)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g, requires_grad=True)
+    mean, std = sde.mean_std("flow_sde", x, fake.predict(x, 0.8, None, 1.0), 0.8, 0.6, 0.7)
+    args = ("flow_sde", 0.7, "flow_grpo", "mean")
+    same = reference_kl(fake, Runtime(), x, 0.8, 0.6, None, 1.0, mean, std, *args)
+    assert torch.equal(same, torch.zeros(3))
+    expand = torch.tensor([2, 0, 0, 1])
+    kl = reference_kl(fake, Runtime(reference=reference), x, 0.8, 0.6, None, 1.0, mean[expand], std[expand], *args,
+                      expand=expand)
+    mean_ref, _ = sde.mean_std("flow_sde", x, 0.3 * x, 0.8, 0.6, 0.7)
+    want = gaussian_kl(mean[expand], mean_ref[expand], std[expand], 0.6 - 0.8, form="flow_grpo", reduction="mean")
+    assert kl.shape == (4,) and bool((kl > 0).all())
+    torch.testing.assert_close(kl, want, rtol=0, atol=0)
+    kl.sum().backward()  # the gradient flows through the policy mean only
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
+def test_online_methods_share_the_round_and_declare_typed_options():
+    """No online method subclasses another; each declares a typed Options dataclass with help on every field."""
+    import dataclasses
+
+    from flowalign.methods import METHODS
+    from flowalign.methods.base import Method
+
+    for name in ("flow_grpo", "branch_grpo", "nft"):
+        cls = METHODS.get(name)
+        assert cls.__bases__ == (Method,), cls.__bases__
+        fields = dataclasses.fields(cls.Options)
+        assert fields and all(f.metadata.get("help") for f in fields), name
+        assert all(f"train.method_options.{f.name} (" in cls.describe_options() for f in fields)
+
+
 # ------------------------------------------------------------------------------------------------ MixGRPO-Flash
 def test_dpm2_matches_diffusers_dpmsolver_multistep():
     from diffusers import DPMSolverMultistepScheduler
@@ -153,19 +242,19 @@ def test_branch_grpo_first_update_is_on_policy(sd3_path, adapter):
         for b in col.batches:
             _, metrics = method.loss(b)
             assert float(metrics["ratio_min"]) >= 1 - 1e-6 and float(metrics["ratio_max"]) <= 1 + 1e-6
-            n = len(b.data["edges"])
-            edges_in_update[b.update] = edges_in_update.get(b.update, 0.0) + n * b.data["weight"]
+            n = len(b.data.edges)
+            edges_in_update[b.update] = edges_in_update.get(b.update, 0.0) + n * b.weight
             assert n <= 4
-            rows += len(torch.unique(method._tree_store.edges.parent[b.data["edges"]]))
+            rows += len(torch.unique(method._tree_store.edges.parent[b.data.edges]))
     assert col.num_updates == 2 and all(v == pytest.approx(1.0) for v in edges_in_update.values())
-    total_edges = sum(len(b.data["edges"]) for b in col.batches)
+    total_edges = sum(len(b.data.edges) for b in col.batches)
     assert total_edges == 2 * trained and rows < total_edges  # siblings share their parent's forward
 
 
 def test_branch_grpo_config_errors(sd3_path):
     with pytest.raises(ConfigError, match="group_size=8 must equal"):
         config(sd3_path, "branch_grpo", sample={**BRANCH, "schedule_options": {"branch_steps": [0, 2]}})
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.method_options\.branchs'"):
         config(sd3_path, "branch_grpo", sample=BRANCH, train={"method_options": {"branchs": 2}})
     with pytest.raises(ConfigError, match="split_logprob"):
         config(sd3_path, "branch_grpo", sample=BRANCH, train={"method_options": {"split_logprob": "scaled"}})
@@ -308,7 +397,7 @@ def test_shapes_recipe_runs_one_step(recipe, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", SHAPES_RECIPES, ids=lambda p: p.stem)
-def test_shapes_recipe_raises_verifier_accuracy(recipe, tmp_path):
+def test_shapes_recipe_raises_verifier_accuracy(recipe, tmp_path, shared_cache):
     """Each family recipe, for 14 iterations of 4 relation prompts x 16 samples at lr 1e-4, lifts the verifier's
     strict accuracy on those prompts (128 deterministic samples on shared noise) and its training reward. The lower
     lr: with 4 prompts, each of the recipes' 4 updates per round sees one prompt's group, and at lr 3e-4 that
@@ -316,6 +405,6 @@ def test_shapes_recipe_raises_verifier_accuracy(recipe, tmp_path):
     Measured here: dance 0.34 -> 0.58, mix -> 0.71, branch -> 0.45 (~60 s each on one core)."""
     from tests.shapes_world import reward_trend, train_on_relations
 
-    before, after, hist = train_on_relations(recipe.name, tmp_path, 14, "train.lr=1e-4")
+    before, after, hist = train_on_relations(recipe.name, tmp_path, 14, "train.lr=1e-4", cache=shared_cache)
     assert after.mean() > before.mean() + 0.1
     assert reward_trend(hist) > 0

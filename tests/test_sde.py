@@ -110,6 +110,47 @@ def test_ddim_kernel_matches_diffusers_ddim_scheduler(eta):
         torch.testing.assert_close(st.x_next, ref, rtol=0, atol=2e-5)
 
 
+def _ddpo_ddim_step_fp64(x, eps, noise, ab, ab_prev, eta):
+    """DDPO ``ddim_step_with_logprob`` (kvablack/ddpo-pytorch ``diffusers_patch/ddim_with_logprob.py``) re-typed
+    in float64 on the scheduler's own ``alphas_cumprod``: the ground truth for the kernel's next latents."""
+    x, eps, noise = x.double(), eps.double(), noise.double()
+    x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5
+    variance = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+    std = eta * variance**0.5
+    mean = ab_prev**0.5 * x0 + (1 - ab_prev - std**2) ** 0.5 * eps
+    return mean + std * noise
+
+
+@pytest.mark.parametrize("t", [901, 941, 981])
+def test_ddim_next_latents_match_fp64_ddpo_step_where_alpha_bar_is_small(t):
+    """Where ``alpha_bar`` is small, rebuilding it from an fp32 ``sigma = sqrt(1 - alpha_bar)`` cancels badly
+    (~1.5e-5 off DDPO's step); float64 sigmas and fp64 kernel arithmetic keep re-sampled latents within 1e-6."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)  # SD1.5's DDIM, as DDPO samples it (50 steps)
+    ac = sched.alphas_cumprod.double()
+    ab, ab_prev = ac[t], ac[t - 20]
+    assert float(ab) < 0.02  # the regime of the cancellation
+    x, eps, noise = rand(2, 4, 16, 16, seed=11), rand(2, 4, 16, 16, seed=12), rand(2, 4, 16, 16, seed=13)
+    sig, sig_prev = torch.sqrt(1 - ab), torch.sqrt(1 - ab_prev)  # float64, as the epsilon adapters hand them out
+    for eta in (1.0, 0.5):
+        want = _ddpo_ddim_step_fp64(x, eps, noise, ab, ab_prev, eta)
+        st = sde.step("ddim", x, eps, sig, sig_prev, eta, noise=noise)
+        assert st.x_next.dtype == torch.float32 and st.mean.dtype == torch.float32
+        torch.testing.assert_close(st.x_next.double(), want, rtol=0, atol=1e-6)
+        # the stored transition's log-prob is unchanged by the recompute (ratio == 1)
+        again = sde.log_prob_of("ddim", x, st.x_next, eps, sig, sig_prev, eta)
+        assert torch.equal(again.log_prob, st.log_prob)
+
+
+def test_sd15_sigmas_are_float64_and_kept_by_the_rollout():
+    from flowalign.rollout import _schedule
+
+    sig64 = torch.tensor([0.99, 0.5], dtype=torch.float64)
+    assert _schedule(sig64).dtype == torch.float64 and _schedule(sig64.float()).dtype == torch.float32
+
+
 # ------------------------------------------------------------------------------------------- log-probs
 @pytest.mark.parametrize("kind, level, s, s_next", STOCHASTIC)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -343,3 +384,19 @@ def test_wrong_image_range_raises(images, match):
     with pytest.raises(ValueError, match=match):
         check_images(images)
     assert check_images(torch.rand(2, 3, 4, 4)) is not None
+
+
+def test_every_recipe_that_samples_cps_uses_flow_grpos_unnormalised_density():
+    """flow_grpo's CPS log-prob is ``-(x_next - mean)^2`` (no 1/2s^2, no constants); the Gaussian form differs by up
+    to 3.4 nats per transition, so a recipe that samples with CPS (all of ours follow flow_grpo) must say so."""
+    from pathlib import Path
+
+    import yaml
+
+    cps = {}
+    for path in sorted(Path("recipes").glob("*.yaml")):
+        sample = (yaml.safe_load(path.read_text()) or {}).get("sample") or {}
+        if sample.get("kernel") == "cps":
+            cps[path.name] = sample.get("density", "gaussian")
+    assert cps, "no recipe samples with CPS any more: drop or move this check"
+    assert cps == dict.fromkeys(cps, "unnormalized"), cps

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 def test_short_flow_grpo_run_raises_heldout_strict_accuracy(tmp_path):
     cfg = load_config("recipes/shapes_flow_grpo.yaml", [
         f"output_dir={tmp_path / 'run'}", "sample.batch_size=64",
-        "max_iterations=10", "max_minutes=null",  # the same 10 iterations on any machine "checkpoint.every=0", "log.progress=false",
+        "max_iterations=10", "max_minutes=null",  # the same 10 iterations on any machine
+        "checkpoint.every=0", "log.progress=false",  # one checkpoint, the final one: the aligned model
     ])
     train(cfg)
     ckpt = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]

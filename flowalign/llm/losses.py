@@ -3,7 +3,7 @@
 Notation: ``logp = log pi_theta(o_t)``, ``old = log pi_old(o_t)``, ``rho = exp(logp - old)``, ``A`` the advantage
 (``[B]`` broadcast over tokens, or ``[B, C]`` token-level), ``m`` the completion mask.
 
-Policy losses (registry ``POLICY_LOSSES``):
+Policy losses (registry ``TOKEN_POLICY_LOSSES``; the image side's ``flowalign.losses.POLICY_LOSSES`` is another one):
 
 * ``clip``: ``-min(rho' A, clip(rho, 1 - eps_low, 1 + eps_high) A)`` with ``rho' = min(rho, delta)`` when
   ``delta`` is set (PPO; GRPO eq. 3; DAPO clip-higher when ``eps_high > eps_low``; TRL grpo/bnpo/dr_grpo/dapo).
@@ -19,12 +19,17 @@ the step is split into micro-batches so that the sum of micro-batch losses is ex
 
 =============================  ==================================================  ========================
 ``seq-mean-token-mean``        (1/N_seq) sum_i (sum_t m l / |o_i|)                   GRPO; TRL "grpo"
-``token-mean``                 sum m l / N_tok                                       DAPO; TRL "dapo" (bnpo*)
+``token-mean``                 sum m l / N_tok                                       DAPO; TRL "dapo"
+``micro-token-mean``           (1/W) sum_w (sum_{i in w} sum_t m l) / N_tok(w)       TRL "bnpo"
 ``seq-mean-token-sum``         (1/N_seq) sum_i sum_t m l                             verl
 ``seq-mean-token-sum-norm``    sum m l / (N_seq * norm), norm = max completion len   Dr. GRPO; TRL "dr_grpo"
 =============================  ==================================================  ========================
 
-(*) TRL "bnpo" is token-mean over one micro-batch: equal to ``token-mean`` with the micro-batch as the step.
+``micro-token-mean`` is TRL 1.16's ``loss_type="bnpo"`` under gradient accumulation: each accumulation
+micro-batch ``w`` (of the ``W`` in the optimizer step) is normalised by *its own* masked token count ``N_tok(w)``,
+then divided by ``W``. Without accumulation (``W = 1``) it equals ``token-mean``; with it, it does not (the
+step-level ``token-mean`` is what TRL calls dapo). Pass each row's window token count as ``num_tokens`` (``[B]``)
+and ``W`` as ``num_windows``; the trainer's windows are its ``train.batch_size`` splits.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from torch import Tensor
 
 from flowalign.registry import Registry, check_choice
 
-AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGG_MODES = ("seq-mean-token-mean", "token-mean", "micro-token-mean", "seq-mean-token-sum",
+             "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-POLICY_LOSSES: Registry[Callable[..., Tensor]] = Registry("policy loss")
+TOKEN_POLICY_LOSSES: Registry[Callable[..., Tensor]] = Registry("token policy loss")
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
@@ -61,7 +67,7 @@ def _ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) -> Tensor:
     return torch.exp(log_ratio)
 
 
-@POLICY_LOSSES.register("clip")
+@TOKEN_POLICY_LOSSES.register("clip")
 def clip_loss(ratio: Tensor, adv: Tensor, eps_low: float = 0.2, eps_high: float | None = None,
               delta: float | None = None) -> Tensor:
     """PPO clipped surrogate per token, ``-min(rho' A, clip(rho, 1-eps_low, 1+eps_high) A)``."""
@@ -71,23 +77,31 @@ def clip_loss(ratio: Tensor, adv: Tensor, eps_low: float = 0.2, eps_high: float 
     return -torch.min(unclipped * adv, clipped * adv)
 
 
-@POLICY_LOSSES.register("reinforce")
+@TOKEN_POLICY_LOSSES.register("reinforce")
 def reinforce_loss(ratio: Tensor, adv: Tensor, **_: float) -> Tensor:
     """Unclipped importance-weighted policy gradient ``-rho A`` (gradient ``-A grad log pi`` at rho = 1)."""
     return -ratio * adv
 
 
 def aggregate(per_token: Tensor, mask: Tensor, mode: str, *, num_seqs: float | None = None,
-              num_tokens: float | None = None, norm: float | None = None) -> Tensor:
+              num_tokens: "float | Tensor | None" = None, norm: float | None = None,
+              num_windows: float | None = None) -> Tensor:
     """Reduce ``[B, C]`` (or ``[B, 1]``) per-token losses to a scalar; see the module table.
 
     ``num_seqs``/``num_tokens`` default to this batch's rows / masked tokens. ``norm`` is required by
     ``seq-mean-token-sum-norm`` (TRL: ``max_completion_length``; verl: ``loss_scale_factor``).
+    ``micro-token-mean``: ``num_tokens`` may be a ``[B]`` tensor (each row's accumulation-window token count)
+    and ``num_windows`` the windows per step ``W`` (default 1: this batch is the only window).
     """
     check_choice("loss_agg_mode", mode, AGG_MODES)
     mask = mask.to(per_token.dtype)
     tok = per_token * mask
     n_seq = per_token.shape[0] if num_seqs is None else num_seqs
+    if mode == "micro-token-mean":  # TRL bnpo: (per_token * mask).sum() / mask.sum().clamp(min=1) / W
+        n_tok = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=tok.dtype,
+                                                                       device=tok.device)
+        per_row = tok.sum(-1) / n_tok.clamp(min=1.0)
+        return per_row.sum() / (1.0 if num_windows is None else float(num_windows))
     if mode == "token-mean":
         n_tok = mask.sum().clamp(min=1.0) if num_tokens is None else max(float(num_tokens), 1.0)
         return tok.sum() / n_tok
@@ -111,7 +125,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, lo
                 delta: float | None = None, importance_sampling_level: str = "token",
                 ref_logp: Tensor | None = None, beta: float = 0.0, kl: str = "k3", kl_ratio_correction: bool = True,
                 entropy: Tensor | None = None, entropy_coef: float = 0.0, num_seqs: float | None = None,
-                num_tokens: float | None = None, norm: float | None = None) -> LossOut:
+                num_tokens: "float | Tensor | None" = None, norm: float | None = None,
+                num_windows: float | None = None) -> LossOut:
     """The full per-micro-batch objective: policy term (+ beta * KL) aggregated by ``agg`` (- entropy bonus).
 
     With ``old_logp = logp.detach()`` (on-policy) ``rho == 1`` and the gradient is ``-A grad logp / normaliser``.
@@ -124,7 +139,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, lo
     if adv.ndim == 1:
         adv = adv.unsqueeze(1)
     ratio = _ratio(logp, old_logp, mask, importance_sampling_level)
-    fn = POLICY_LOSSES.get(loss)
+    fn = TOKEN_POLICY_LOSSES.get(loss)
     per_token = fn(ratio, adv, eps_low=eps_low, eps_high=eps_high, delta=delta)
     metrics: dict = {}
     if beta:
@@ -133,7 +148,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, lo
             k = k * ratio
         per_token = per_token + beta * k
         metrics["kl"] = float((k.detach() * mask).sum() / mask.sum().clamp(min=1))
-    out = aggregate(per_token, mask, agg, num_seqs=num_seqs, num_tokens=num_tokens, norm=norm)
+    out = aggregate(per_token, mask, agg, num_seqs=num_seqs, num_tokens=num_tokens, norm=norm,
+                    num_windows=num_windows)
     if entropy is not None and entropy_coef:
         out = out - entropy_coef * (entropy * mask).sum() / mask.sum().clamp(min=1)
     with torch.no_grad():

@@ -7,10 +7,11 @@
   every row has finished. Sampling uses the given ``torch.Generator`` (reproducible, independent of global RNG).
 * ``engine="hf"``: ``model.generate`` (left padding, KV cache, ``stop_strings``), one row per completion as TRL
   does; seeded from the generator through a forked global RNG.
-* ``engine="vllm"``: the optional vLLM extra (``pip install flowalign[vllm]``; ``VLLMEngine``): vLLM's offline
-  ``LLM.generate`` with ``SamplingParams(n=G, ...)`` per prompt, converted to the same ``Rollout``. The policy's
-  current weights are pushed into the engine with ``VLLMEngine.sync_weights`` (the trainer does it before each
-  generation that follows an optimizer step; a bare ``generate(engine="vllm")`` call syncs every time).
+* ``engine="vllm"``: the optional vLLM extra (``pip install flowalign[vllm]``; ``flowalign.llm.vllm.VLLMEngine``):
+  vLLM's offline ``LLM.generate`` with ``SamplingParams(n=G, ...)`` per prompt, converted to the same
+  ``Rollout``. The policy's current weights are pushed into the engine with ``VLLMEngine.sync_weights`` (the
+  trainer does it before each generation that follows an optimizer step; a bare ``generate(engine="vllm")`` call
+  syncs every time).
 
 ``generator`` is one ``torch.Generator`` for the whole batch, or one per prompt (``len(prompts)`` of them): then
 each group's samples depend only on its own generator, not on which other prompts share the batch, so a batch
@@ -23,8 +24,12 @@ string (kept); ``truncated`` marks rows that hit ``max_new_tokens`` without eith
 only projecting the completion positions (``logits_to_keep``), micro-batched, optionally with the entropy. Each
 micro-batch drops the prompt columns that are padding in all its rows and the completion columns past its longest
 completion (those positions get log-prob 0; they are masked everywhere), so its values depend on its own rows only.
-Position ids follow the attention mask (left padding), the same positions the decode loop used (RoPE is
-relative, so TRL's arange positions give the same values; the parity tests check it).
+Position ids (``position_ids=``, config ``rollout.position_ids``): ``"mask"`` (default) numbers the real tokens
+from 0 (a left-padded row starts at 0 at its first real token), the positions the decode loop and HF ``generate``
+use while sampling; ``"arange"`` is what TRL's ``GRPOTrainer`` passes (no ``position_ids``, so the model numbers
+every column of the padded batch, and a left-padded row starts at its padding width). RoPE is relative, so the two
+differ only by float rounding (~1e-6 in the log-probs); TRL-parity tests use ``"arange"``. Dropped all-padding
+columns keep their place in the ``"arange"`` numbering, so trimming never changes a value.
 ``token_logps_grouped`` is the same computation with prefix sharing for rows that come in groups of G: each
 prompt runs once and its KV cache (with autograd) is repeated G times, so the training forward/backward covers
 ``N_prompts * P + B * C`` positions instead of ``B * (P + C)``; the trainer uses it by default.
@@ -32,12 +37,11 @@ prompt runs once and its KV cache (with autograd) is repeated G times, so the tr
 
 from __future__ import annotations
 
-import os
-import weakref
+import dataclasses
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -46,8 +50,27 @@ from transformers import StoppingCriteria
 
 from flowalign.registry import check_choice
 
+if TYPE_CHECKING:
+    from flowalign.llm.vllm import VLLMEngine
+
 ENGINES = ("cached", "hf", "vllm")
+POSITION_IDS = ("mask", "arange")
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+@functools.cache
+def _cache_kw() -> str:
+    """Name of the KV-cache argument of a causal LM's ``forward`` and of its output field: ``cache`` in
+    transformers >= 5.2x (``past_key_values`` is deprecated there: a FutureWarning on the argument, a logged warning
+    on the output field), ``past_key_values`` before. Read off the output dataclass: cheap, no model module import."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def _cache_of(out):
+    """The ``transformers.Cache`` (a ``DynamicCache``) of a forward output, under its current field name."""
+    return out[_cache_kw()]
 
 
 @dataclass
@@ -151,7 +174,7 @@ def _generate_cached(model, tok, prompts, G, max_new_tokens, temperature, top_k,
     enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left")
     ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
     out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = _cache_of(out)
     logits = out.logits[:, -1].float()
     if G > 1:  # prefix sharing: one prefill per unique prompt, its KV cache repeated for the G samples
         cache.batch_repeat_interleave(G)
@@ -177,7 +200,7 @@ def _generate_cached(model, tok, prompts, G, max_new_tokens, temperature, top_k,
             if uniforms is not None:  # inverse CDF with the group's own uniforms: batch-composition independent
                 cdf = probs.cumsum(-1)
                 cdf = cdf / cdf[:, -1:]  # last entry exactly 1; zero-probability tokens are never picked
-                nxt = torch.searchsorted(cdf, uniforms[:, t:t + 1], right=True).squeeze(1).to(dev)
+                nxt = torch.searchsorted(cdf, uniforms[:, t:t + 1].contiguous(), right=True).squeeze(1).to(dev)
             else:
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(dev)
         else:
@@ -197,9 +220,9 @@ def _generate_cached(model, tok, prompts, G, max_new_tokens, temperature, top_k,
             break
         att = torch.cat([att, alive.long()[:, None]], 1)
         pos = pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, past_key_values=cache,
-                    use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, use_cache=True,
+                    **{_cache_kw(): cache})
+        cache, logits = _cache_of(out), out.logits[:, -1].float()
     C = int(lengths.max()) if B else 0
     comp, slp = comp[:, :C], slp[:, :C]
     cmask = (torch.arange(C, device=dev)[None] < lengths[:, None]).long()
@@ -294,9 +317,11 @@ def generate(model, tok, prompts: Sequence[str], group_size: int = 8, max_new_to
         raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts (need one per prompt)")
     dev = next(model.parameters()).device
     if engine == "vllm":
+        from flowalign.llm.vllm import engine_for
+
         eng = vllm_engine
         if eng is None:
-            eng = _engine_for(model)
+            eng = engine_for(model)
             eng.sync_weights(model)
         return eng.generate(tok, prompts, group_size, max_new_tokens, temperature, top_k, top_p,
                             list(stop_strings or []), generator, device=dev)
@@ -310,222 +335,45 @@ def generate(model, tok, prompts: Sequence[str], group_size: int = 8, max_new_to
         model.train(was_training)
 
 
-# ---------------------------------------------------------------------------------------------------- vLLM engine
-def _import_vllm():
-    try:
-        import vllm
-    except ImportError as e:
-        raise ValueError("engine='vllm' needs the optional vllm package (pip install 'flowalign[vllm]'); "
-                         "use engine='cached' or 'hf'") from e
-    return vllm
+def _trim_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Drop the leading columns that are padding in every row of this micro-batch (left padding); returns the
+    trimmed ids and mask and the number of columns dropped.
 
-
-def policy_weights_for_vllm(model) -> dict[str, Tensor]:
-    """The policy's current weights under their Hugging Face checkpoint names (what vLLM's ``load_weights`` reads).
-
-    A peft LoRA model is merged on the fly (``W + scaling * B @ A`` for the active adapter; the model is not
-    modified): vLLM receives plain base-model names, no ``lora_*``/``base_layer`` keys (as TRL's colocate sync).
-    """
-    try:
-        from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a core dependency
-        PeftModel = LoraLayer = None
-    if PeftModel is None or not isinstance(model, PeftModel):
-        return {k: v.detach() for k, v in model.state_dict().items()}
-    base = model.get_base_model()
-    deltas: dict[str, Tensor] = {}
-    for name, mod in base.named_modules():
-        if isinstance(mod, LoraLayer) and not getattr(mod, "merged", False) and not mod.disable_adapters:
-            d = None
-            for ad in mod.active_adapters:
-                if ad in getattr(mod, "lora_A", {}):
-                    dw = mod.get_delta_weight(ad)
-                    d = dw if d is None else d + dw
-            if d is not None:
-                deltas[f"{name}.weight"] = d.detach()
-    out: dict[str, Tensor] = {}
-    for k, v in base.state_dict().items():
-        if "lora_" in k or "original_module" in k:
-            continue
-        k = k.replace(".base_layer.", ".").replace("modules_to_save.default.", "")
-        v = v.detach()
-        if k in deltas:
-            v = v + deltas[k].to(v.dtype)
-        out[k] = v
-    return out
-
-
-def _load_weights_on_worker(worker, weights):  # runs inside a vLLM worker (LLM.collective_rpc with a callable)
-    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-    runner.model.load_weights(weights)
-
-
-_RUNNER_MODEL_PATHS = (
-    ("model_executor", "driver_worker", "worker", "model_runner", "model"),  # vLLM V1 in-process (TRL colocate, verl)
-    ("model_executor", "driver_worker", "model_runner", "model"),  # vLLM V0 (TRL <= 0.17)
-    ("engine_core", "engine_core", "model_executor", "driver_worker", "worker", "model_runner", "model"),
-)
-
-
-class VLLMEngine:
-    """Rollouts with vLLM's offline API (``vllm.LLM`` / ``SamplingParams`` / ``LLM.generate``), as a ``Rollout``.
-
-    * One request per prompt with ``SamplingParams(n=G, temperature, top_p, top_k, max_tokens, stop,
-      include_stop_str_in_output=True, logprobs=0, seed)``; the prompt goes in as token ids from *our* tokenizer
-      (BOS included), so the completion is sampled after exactly the prompt the trainer's log-prob pass sees.
-      Greedy (``temperature=0``) asks for one sample per prompt and repeats it ``G`` times.
-    * Seeds: one per prompt, drawn from that prompt's generator (or the shared one), so a seeded run repeats.
-    * ``completion_ids`` are vLLM's ``token_ids`` (EOS / the token completing a stop string kept, as the other
-      engines), right padded; ``truncated`` is ``finish_reason == "length"``; ``sampler_logps`` are vLLM's
-      per-token log-probs of the sampled tokens (vLLM V1 reports raw, temperature-free log-probs unless the engine
-      is built with ``logprobs_mode="processed_logprobs"``). The trainer never uses them: it recomputes the
-      policy and old-policy log-probs by teacher forcing (``token_logps``) on these tokens.
-    * ``sync_weights(model)`` loads the policy's current weights (``policy_weights_for_vllm``; LoRA merged) with the
-      vLLM model's ``load_weights``: in process through
-      ``llm.llm_engine.model_executor.driver_worker[.worker].model_runner.model`` (TRL's colocate mode, verl),
-      else through ``LLM.collective_rpc``; then resets vLLM's prefix cache (cached KV of the old weights).
-
-    ``VLLM_ENABLE_V1_MULTIPROCESSING`` defaults to ``0`` here so that vLLM V1 keeps its model in this process and
-    the direct ``load_weights`` path works. ``llm_kwargs`` go to ``vllm.LLM`` (``gpu_memory_utilization`` defaults
-    to 0.3: the engine shares the GPU with training, as TRL's colocate default).
-
-    Not exercised against a real vLLM in this repository's tests (no GPU): ``tests/test_llm_vllm.py`` drives it
-    with a fake ``vllm`` module implementing exactly the API used here.
-    """
-
-    def __init__(self, model: str | os.PathLike, *, dtype: str = "float32", seed: int = 0, **llm_kwargs) -> None:
-        self.vllm = _import_vllm()
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        kw = {"gpu_memory_utilization": 0.3, **llm_kwargs}
-        self.model_path = str(model)
-        self.llm = self.vllm.LLM(model=self.model_path, dtype=dtype, seed=seed, **kw)
-        self.syncs = 0
-
-    def _runner_model(self):
-        for path in _RUNNER_MODEL_PATHS:
-            obj = getattr(self.llm, "llm_engine", None)
-            for attr in path:
-                obj = getattr(obj, attr, None)
-                if obj is None:
-                    break
-            if obj is not None and hasattr(obj, "load_weights"):
-                return obj
-        return None
-
-    @torch.no_grad()
-    def sync_weights(self, model) -> int:
-        """Load ``model``'s current weights into the engine; returns the number of tensors sent."""
-        weights = policy_weights_for_vllm(model)
-        target = self._runner_model()
-        if target is not None:
-            target.load_weights(weights.items())
-        elif hasattr(self.llm, "collective_rpc"):
-            self.llm.collective_rpc(_load_weights_on_worker, args=(list(weights.items()),))
-        else:
-            raise RuntimeError("cannot reach the vLLM model to load weights (no model_runner.model, no "
-                               "collective_rpc); is this vLLM >= 0.8?")
-        if hasattr(self.llm, "reset_prefix_cache"):
-            self.llm.reset_prefix_cache()
-        self.syncs += 1
-        return len(weights)
-
-    def _seeds(self, generator: Generators, n: int) -> list[int | None]:
-        if isinstance(generator, (list, tuple)):
-            return [int(torch.randint(2**62, (1,), generator=g)) for g in generator]
-        if generator is None:
-            return [None] * n
-        return [int(s) for s in torch.randint(2**62, (n,), generator=generator)]
-
-    def generate(self, tok, prompts: Sequence[str], G: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, stop_strings: Sequence[str] = (), generator: Generators = None,
-                 device: torch.device | str = "cpu") -> Rollout:
-        prompts = list(prompts)
-        greedy = temperature == 0
-        n = 1 if greedy else G
-        params = [self.vllm.SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k and top_k > 0 else -1,
-            max_tokens=max_new_tokens, stop=list(stop_strings) or None, include_stop_str_in_output=True,
-            logprobs=0, seed=seed, skip_special_tokens=True) for seed in self._seeds(generator, len(prompts))]
-        inputs = [{"prompt_token_ids": ids} for ids in tok(prompts)["input_ids"]]
-        outs = self.llm.generate(inputs, params, use_tqdm=False)
-        if len(outs) != len(prompts):
-            raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(prompts)} prompts")
-        seqs, lps, trunc = [], [], []
-        for out in outs:
-            cands = list(out.outputs)
-            if len(cands) != n:
-                raise RuntimeError(f"vLLM returned {len(cands)} completions for n={n}")
-            for c in (cands * G if greedy else cands):
-                ids = [int(t) for t in c.token_ids][:max_new_tokens]
-                seqs.append(ids)
-                lp = [0.0] * len(ids)
-                if c.logprobs is not None:
-                    for t, (tid, d) in enumerate(zip(ids, c.logprobs)):
-                        x = d[tid]
-                        lp[t] = float(getattr(x, "logprob", x))
-                lps.append(lp)
-                trunc.append(c.finish_reason == "length")
-        B, C = len(seqs), max((len(x) for x in seqs), default=0)
-        comp = torch.full((B, C), tok.pad_token_id, dtype=torch.long)
-        slp = torch.zeros(B, C)
-        cmask = torch.zeros(B, C, dtype=torch.long)
-        for i, (ids, lp) in enumerate(zip(seqs, lps)):
-            comp[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            slp[i, :len(ids)] = torch.tensor(lp)
-            cmask[i, :len(ids)] = 1
-        rows = [p for p in prompts for _ in range(G)]
-        enc = tok(rows, return_tensors="pt", padding=True, padding_side="left")
-        texts = tok.batch_decode(comp, skip_special_tokens=True)
-        return Rollout(enc["input_ids"].to(device), enc["attention_mask"].to(device), comp.to(device),
-                       cmask.to(device), torch.tensor(trunc, dtype=torch.bool, device=device), texts, rows, G,
-                       slp.to(device))
-
-
-_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _engine_for(model) -> VLLMEngine:
-    """The cached ``VLLMEngine`` of ``model`` (built from its checkpoint directory on first use)."""
-    eng = _ENGINES.get(model)
-    if eng is None:
-        path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-        if not path or not Path(path).is_dir():
-            raise ValueError(f"engine='vllm' needs the model's local checkpoint directory (config._name_or_path="
-                             f"{path!r}); build a VLLMEngine(path) and pass vllm_engine=")
-        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        eng = VLLMEngine(path, dtype=dtype)
-        _ENGINES[model] = eng
-    return eng
-
-
-def _trim_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop the leading columns that are padding in every row of this micro-batch (left padding).
-
-    Same values (positions follow the mask), less work, and a micro-batch's numbers no longer depend on how long
-    the prompts of *other* rows in the batch are (so one process and several agree to float rounding of the sums).
+    Same values (positions are computed as if nothing had been dropped), less work, and with ``"mask"`` positions
+    a micro-batch's numbers no longer depend on how long the prompts of *other* rows in the batch are (so one
+    process and several agree to float rounding of the sums).
     """
     real = mask.bool().any(0)
     if not bool(real.any()) or bool(real[0]):
-        return ids, mask
+        return ids, mask, 0
     first = int(real.int().argmax())
-    return ids[:, first:], mask[:, first:]
+    return ids[:, first:], mask[:, first:], first
+
+
+def _position_ids(mask: Tensor, kind: str, offset: int) -> Tensor:
+    """``[B, L]`` positions of a (trimmed) left-padded batch: ``"mask"`` counts real tokens; ``"arange"`` numbers
+    columns of the untrimmed batch (``offset`` = columns dropped on the left), as a forward without position ids."""
+    if kind == "mask":
+        return _positions(mask)
+    check_choice("position_ids", kind, POSITION_IDS)
+    return (offset + torch.arange(mask.shape[1], device=mask.device))[None].expand(mask.shape[0], -1)
 
 
 def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                 temperature: float = 1.0, micro_batch: int | None = None, entropy: bool = False,
-                ) -> tuple[Tensor, Tensor | None]:
+                position_ids: str = "mask") -> tuple[Tensor, Tensor | None]:
     """``log softmax(z_t / T)[o_t]`` for each completion token (``[B, C]``, fp32) and optionally the entropy.
 
-    Teacher forcing over concat(prompt, completion); only the ``C`` completion positions are projected through
-    the LM head (``logits_to_keep = C + 1``, last one dropped). Gradients flow when called under grad mode.
+    Teacher forcing over concat(prompt ``[B, P]``, completion ``[B, C]``); only the ``C`` completion positions are
+    projected through the LM head (``logits_to_keep = C + 1``, last one dropped). Gradients flow when called under
+    grad mode. ``position_ids``: ``"mask"`` or ``"arange"`` (TRL), see the module docstring.
     """
     B, C = completion_ids.shape
     T = temperature if temperature > 0 else 1.0
     bs = micro_batch or B
     lps, ents = [], []
     for s in range(0, B, bs):
-        pi, pm = _trim_left(prompt_ids[s:s + bs], prompt_mask[s:s + bs])
+        pi, pm, off = _trim_left(prompt_ids[s:s + bs], prompt_mask[s:s + bs])
         Cm = _used_len(completion_mask[s:s + bs])
         if Cm == 0:
             lps.append(completion_ids.new_zeros((len(pi), C), dtype=torch.float32))
@@ -533,7 +381,8 @@ def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: 
             continue
         i = torch.cat([pi, completion_ids[s:s + bs, :Cm]], 1)
         a = torch.cat([pm, completion_mask[s:s + bs, :Cm]], 1)
-        logits = model(input_ids=i, attention_mask=a, position_ids=_positions(a), logits_to_keep=Cm + 1).logits
+        logits = model(input_ids=i, attention_mask=a, position_ids=_position_ids(a, position_ids, off),
+                       logits_to_keep=Cm + 1).logits
         lp, ent = _head_logps(logits[:, :-1], i[:, -Cm:], T, entropy)
         lps.append(_pad_right(lp, C))
         ents.append(_pad_right(ent, C) if entropy else None)
@@ -557,7 +406,8 @@ def _head_logps(logits: Tensor, targets: Tensor, T: float, entropy: bool) -> tup
 
 def token_logps_grouped(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, group_size: int, temperature: float = 1.0,
-                        micro_batch: int | None = None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                        micro_batch: int | None = None, entropy: bool = False,
+                        position_ids: str = "mask") -> tuple[Tensor, Tensor | None]:
     """``token_logps`` with prefix sharing: rows come in groups of ``group_size`` sharing one prompt.
 
     Each prompt is run once (with a KV cache), the cache is repeated ``G`` times (``repeat_interleave``, so
@@ -576,25 +426,28 @@ def token_logps_grouped(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     T = temperature if temperature > 0 else 1.0
     lps, ents = [], []
     for s in range(0, B, bs):
-        pi, pm = _trim_left(prompt_ids[s:s + bs:G], prompt_mask[s:s + bs:G])
+        pi, pm, off = _trim_left(prompt_ids[s:s + bs:G], prompt_mask[s:s + bs:G])
         Cm = _used_len(completion_mask[s:s + bs])
         if Cm == 0:
             lps.append(completion_ids.new_zeros((len(completion_mask[s:s + bs]), C), dtype=torch.float32))
             ents.append(lps[-1] if entropy else None)
             continue
         ci, cm = completion_ids[s:s + bs, :Cm], completion_mask[s:s + bs, :Cm]
-        out = model(input_ids=pi, attention_mask=pm, position_ids=_positions(pm), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=pi, attention_mask=pm, position_ids=_position_ids(pm, position_ids, off),
+                    use_cache=True, logits_to_keep=1)
         first = out.logits[:, -1:].repeat_interleave(G, 0)  # predicts completion token 0
         logits = first
         if Cm > 1:
-            cache = out.past_key_values
+            cache = _cache_of(out)  # a transformers DynamicCache, with autograd
             cache.batch_repeat_interleave(G)
             pmr = pm.repeat_interleave(G, 0)
-            start = pmr.sum(-1, keepdim=True)
+            # completion token t sits at prompt length + t ("mask") or untrimmed prompt width + t ("arange")
+            start = pmr.sum(-1, keepdim=True) if position_ids == "mask" else torch.full_like(
+                pmr[:, :1], off + pmr.shape[1])
             pos = start + torch.arange(Cm - 1, device=ci.device)[None]
             att = torch.cat([pmr, cm[:, :-1]], 1)
-            rest = model(input_ids=ci[:, :-1], attention_mask=att, position_ids=pos, past_key_values=cache,
-                         use_cache=True).logits
+            rest = model(input_ids=ci[:, :-1], attention_mask=att, position_ids=pos, use_cache=True,
+                         **{_cache_kw(): cache}).logits
             logits = torch.cat([first, rest], 1)
         lp, ent = _head_logps(logits, ci, T, entropy)
         lps.append(_pad_right(lp, C))

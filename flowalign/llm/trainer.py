@@ -11,9 +11,10 @@ One step (``LLMTrainer.train_step``):
 4. advantages from ``flowalign.advantages.ADVANTAGES`` (REINFORCE++ with KL-in-reward: token-level returns,
    whitened over tokens); MC-GRPO drops each group's median pivot;
 5. ``num_iterations`` x ``mini_batches`` optimizer steps (groups shuffled whole), each accumulated over
-   ``micro_batch`` rows with step-level normalisers, so the accumulated loss equals the one-shot loss of the
-   mini-batch. Speed, with the same loss and gradients: each prompt runs once per group in the training forward
-   (prefix sharing), and groups whose advantages are all 0 are not run at all when no KL/entropy term needs them.
+   ``train.batch_size`` rows with step-level normalisers (``micro-token-mean``: per-window ones, as TRL bnpo),
+   so the accumulated loss equals the one-shot loss of the mini-batch. Speed, with the same loss and gradients:
+   each prompt runs once per group in the training forward (prefix sharing), and groups whose advantages are all 0
+   are not run at all when no KL/entropy term needs them.
 
 Several processes (``accelerate launch`` / ``torchrun``): ``rollout.prompts_per_step`` is per process; all
 processes draw from one shared prompt stream and process ``r`` takes the ``r``-th slice of each draw, and every
@@ -25,13 +26,14 @@ permutation of the groups (a process with no group in a mini-batch joins the gra
 backward), and DAPO refill rounds run in lockstep. ``tests/test_llm_multiprocess.py`` checks that two processes
 train to the weights of one process (1e-5).
 
-``rollout.engine=vllm`` (optional extra): rollouts from a ``rollout.VLLMEngine`` built on the model's checkpoint
-directory; the trainer loads the policy's new weights into it before the first generation after each optimizer
-step (and after ``resume``), so sampling stays on-policy.
+``rollout.engine=vllm`` (optional extra): rollouts from a ``flowalign.llm.vllm.VLLMEngine`` built on the model's
+checkpoint directory; the trainer loads the policy's new weights into it before the first generation after each
+optimizer step (and after ``resume``), so sampling stays on-policy.
 
 Logs are JSONL (``<output_dir>/metrics.jsonl``): reward per component, accuracy, response length, clip fractions,
-KL, entropy, timings per phase. Checkpoints hold the trainable weights (safetensors), optimizer, scheduler, RNG
-states and the prompt cursor, written to a temp dir then renamed; ``resume`` continues bit-for-bit on CPU.
+KL, entropy, timings per phase. Checkpoints (``flowalign.llm.checkpointing`` over ``flowalign.checkpoint``, the
+image trainer's crash-safe writer) hold the trainable weights, optimizer, scheduler, RNG states and the prompt
+stream; ``resume`` continues bit-for-bit on CPU.
 """
 
 from __future__ import annotations
@@ -39,8 +41,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -50,11 +50,14 @@ import torch
 import yaml
 from torch import Tensor
 
-from flowalign.advantages import ADVANTAGES, median_pivots, zero_std_groups
+from flowalign import trackers
+from flowalign.advantages import median_pivots, zero_std_groups
+from flowalign.llm import checkpointing
+from flowalign.llm.advantages import step_advantages
 from flowalign.llm.config import LLMConfig
-from flowalign.llm.losses import kl_estimate, policy_loss, token_returns_with_kl
+from flowalign.llm.losses import kl_estimate, policy_loss
 from flowalign.llm.model import WEIGHTS_DIR, load_model
-from flowalign.llm.rollout import Rollout, VLLMEngine, concat, generate, token_logps, token_logps_grouped
+from flowalign.llm.rollout import Rollout, concat, generate, token_logps, token_logps_grouped
 from flowalign.llm.task import ArithmeticTask
 from flowalign.rewards.base import REWARDS, get_reward
 from flowalign.rewards.text import OverlongPenalty
@@ -74,7 +77,9 @@ class LLMTrainer:
         # different numbers of forwards per optimizer step (prefix sharing, uneven mini-batches), and a collective
         # in every forward would then deadlock
         self.acc = accelerator or Accelerator(cpu=cfg.train.device == "cpu", kwargs_handlers=[
-            DistributedDataParallelKwargs(broadcast_buffers=False)])
+            DistributedDataParallelKwargs(broadcast_buffers=False)], project_dir=cfg.output_dir,
+            log_with=trackers.log_with(cfg.log, cfg.output_dir))
+        trackers.start(self.acc, cfg.log, cfg.to_dict())  # log.trackers/project/run_name/init_kwargs
         torch.manual_seed(cfg.seed)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
         model, self.tok = load_model(cfg.model.path, dtype)
@@ -83,24 +88,28 @@ class LLMTrainer:
             from peft import LoraConfig, get_peft_model
 
             lc = cfg.model.lora
-            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=lc.r, lora_alpha=lc.alpha,
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=lc.rank, lora_alpha=lc.alpha,
                                                      lora_dropout=lc.dropout, target_modules=list(lc.target_modules)))
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.gradient_checkpointing:  # transformers >= 5.2x calls it activation checkpointing
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if self.lora:
                 model.enable_input_require_grads()
         self.ref = None
         if cfg.algo.beta > 0 and not self.lora:  # LoRA uses the base model (adapters disabled) as reference
             self.ref = copy.deepcopy(model).eval().requires_grad_(False).to(self.acc.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        o = cfg.optim
+        o = cfg.train
         opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         warm = max(1, o.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         self.model, self.opt, self.sched = self.acc.prepare(model, opt, sched)
-        self.rewards = [get_reward(r.name, **r.kwargs) for r in cfg.rewards]
-        self.reward_names = [r.name for r in cfg.rewards]
-        self.weights = [r.weight for r in cfg.rewards]
+        rw = cfg.reward
+        self.rewards = [get_reward(name, **rw.kwargs.get(name, {})) for name in rw.weights]
+        self.reward_names = list(rw.weights)
+        self.weights = [float(w) for w in rw.weights.values()]
         if cfg.algo.overlong_buffer:  # DAPO soft overlong punishment as one more reward component
             self.rewards.append(OverlongPenalty(cfg.rollout.max_new_tokens, cfg.algo.overlong_buffer))
             self.reward_names.append("overlong_penalty")
@@ -116,6 +125,8 @@ class LLMTrainer:
         self._weights_version, self._vllm_synced = 0, -1
         self.vllm = None
         if cfg.rollout.engine == "vllm":
+            from flowalign.llm.vllm import VLLMEngine
+
             path = WEIGHTS_DIR if cfg.model.path in (None, "embedded") else cfg.model.path
             self.vllm = VLLMEngine(path, dtype=cfg.model.dtype, seed=cfg.seed + self.acc.process_index,
                                    **cfg.rollout.vllm_kwargs)
@@ -226,14 +237,15 @@ class LLMTrainer:
         """Token log-probs of ``rows`` (whole groups when prefix sharing is on) under ``model``."""
         T, G = self.cfg.rollout.temperature, ro.group_size
         args = (ro.prompt_ids[rows], ro.prompt_mask[rows], ro.completion_ids[rows], ro.completion_mask[rows])
+        pos = self.cfg.rollout.position_ids
         if self._shared(G):
-            return token_logps_grouped(model, *args, group_size=G, temperature=T, entropy=entropy)
-        return token_logps(model, *args, temperature=T, entropy=entropy)
+            return token_logps_grouped(model, *args, group_size=G, temperature=T, entropy=entropy, position_ids=pos)
+        return token_logps(model, *args, temperature=T, entropy=entropy, position_ids=pos)
 
     def _shared(self, G: int) -> bool:
         """Prefix sharing needs a KV cache in the training forward (not with gradient checkpointing)."""
         return (self.cfg.train.prefix_sharing and not self.cfg.model.gradient_checkpointing
-                and self.cfg.train.micro_batch >= G)
+                and self.cfg.train.batch_size >= G)
 
     def _skip_zero_adv(self) -> bool:
         a = self.cfg.algo
@@ -243,7 +255,7 @@ class LLMTrainer:
 
     def _micro(self, rows: Tensor, G: int) -> list[Tensor]:
         """Split row indices into micro-batches; whole groups when prefix sharing is on."""
-        mb = self.cfg.train.micro_batch
+        mb = self.cfg.train.batch_size
         if self._shared(G):
             mb = (mb // G) * G
         return list(rows.split(mb))
@@ -272,65 +284,9 @@ class LLMTrainer:
                         refs.append(self._logps(self.model, ro, r)[0])
         return (torch.cat(olds) if old else None), (torch.cat(refs) if ref else None)
 
-    BATCH_STAT_ESTIMATORS = ("batch_std", "gdpo", "reinforce_pp")
-
     def advantages(self, R: Tensor, group_size: int, ro: Rollout | None = None, kl: Tensor | None = None) -> Tensor:
-        """Advantages ``[B]`` (or ``[B, C]`` for REINFORCE++ with per-token KL in the reward).
-
-        Group statistics are local (a group never straddles processes); estimators with batch statistics see
-        the rewards of all processes (gathered; equal batch sizes per process, so not with dynamic sampling).
-        """
-        P = self.acc.num_processes
-        if P > 1 and self.cfg.algo.advantage in self.BATCH_STAT_ESTIMATORS and not self.cfg.algo.kl_in_reward:
-            if self.cfg.algo.dynamic_sampling:
-                raise ValueError(f"algo.advantage={self.cfg.algo.advantage!r} needs equal batches per process; "
-                                 "it cannot be combined with algo.dynamic_sampling on several processes")
-            n = len(R)
-            R_all = self.acc.gather(R.to(self.acc.device)).cpu()
-            ro_all = None
-            if ro is not None and self.cfg.algo.advantage == "reinforce_pp":
-                lengths = self.acc.gather(ro.lengths.to(self.acc.device)).cpu()
-                kw = dict(self.cfg.algo.advantage_kwargs)
-                kw.setdefault("weights", lengths.float())
-                A_all = ADVANTAGES.get("reinforce_pp")(R_all @ torch.tensor(self.weights, dtype=R.dtype),
-                                                       group_size, **kw)
-            else:
-                A_all = self._advantages_local(R_all, group_size, ro_all, None)
-            r = self.acc.process_index
-            return A_all[r * n:(r + 1) * n]
-        return self._advantages_local(R, group_size, ro, kl)
-
-    def _advantages_local(self, R: Tensor, group_size: int, ro: Rollout | None, kl: Tensor | None) -> Tensor:
-        a = self.cfg.algo
-        w = torch.tensor(self.weights, dtype=R.dtype)
-        kw = dict(a.advantage_kwargs)
-        if a.advantage == "gdpo":
-            return ADVANTAGES.get("gdpo")(R, group_size, weights=w, **kw)
-        total = R @ w
-        if a.kl_in_reward and kl is not None and a.advantage == "reinforce_pp":
-            mask = ro.completion_mask.cpu()
-            base = ADVANTAGES.get("no_std")(total, group_size)
-            tok = token_returns_with_kl(base, kl.cpu(), mask, a.beta)
-            return torch.where(mask.bool(), self._whiten_tokens(tok, mask), torch.zeros_like(tok))
-        if a.kl_in_reward and kl is not None:  # RLOO: sequence reward r - beta * sum_t KL_t
-            total = total - a.beta * (kl.cpu() * ro.completion_mask.cpu()).sum(1)
-        if a.advantage == "reinforce_pp" and "weights" not in kw and ro is not None:
-            kw["weights"] = ro.lengths.cpu().float()  # token-weighted whitening, as verl
-        return ADVANTAGES.get(a.advantage)(total, group_size, **kw)
-
-    def _whiten_tokens(self, x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-        """``flowalign.advantages.whiten(x, mask)`` over the tokens of all processes.
-
-        Statistics in float64, so that one process and several (partial sums added in another order) give the same
-        float32 advantages.
-        """
-        w, xd = mask.double(), x.double()
-        n, sx = self._global_sum(torch.stack([w.sum(), (xd * w).sum()]))
-        mean = sx / n
-        var = self._global_sum(((xd - mean) ** 2 * w).sum()[None])[0] / n
-        if n > 1:
-            var = var * n / (n - 1)
-        return ((xd - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+        """``[B]`` (or REINFORCE++ token-level ``[B, C]``) advantages; ``flowalign.llm.advantages.step_advantages``."""
+        return step_advantages(R, group_size, self.cfg.algo, self.weights, self.acc, ro, kl)
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
@@ -347,6 +303,8 @@ class LLMTrainer:
             metrics[f"reward/{n}"] = float(R[:, j].mean()) if len(R) else float("nan")
         metrics["response_length"] = float(ro.lengths.float().mean()) if len(ro) else 0.0
         metrics["truncated_frac"] = float(ro.truncated.float().mean()) if len(ro) else 0.0
+        trackers.log_texts(self.acc, "samples/completions", list(zip(ro.prompts, ro.completions, (R @ w).tolist())),
+                           self.step + 1, limit=cfg.log.samples)
         rows_all = int(self._global_sum(torch.tensor([float(len(ro))]))[0])
         if rows_all == 0:  # dynamic sampling found no informative group (on any process): no update this step
             self.step += 1
@@ -417,6 +375,7 @@ class LLMTrainer:
                 if P > 1:  # step-level normalisers over all processes, divided by P because DDP averages grads
                     counts = self.acc.reduce(counts, reduction="sum")
                 n_seq, n_tok = float(counts[0]) / P, float(counts[1]) / P
+                row_tok, n_win = self._windows(chunk, G, loss_mask)
                 self.opt.zero_grad(set_to_none=True)
                 total = 0.0
                 if self._skip_zero_adv():
@@ -441,7 +400,8 @@ class LLMTrainer:
                             ref_logp=ref[mb] if (ref is not None and not a.kl_in_reward) else None,
                             beta=0.0 if a.kl_in_reward else a.beta, kl=a.kl_estimator,
                             kl_ratio_correction=a.kl_ratio_correction, entropy=ent, entropy_coef=a.entropy_coef,
-                            num_seqs=n_seq, num_tokens=n_tok, norm=cfg.rollout.max_new_tokens)
+                            num_seqs=n_seq, num_tokens=row_tok[mb] if row_tok is not None else n_tok,
+                            norm=cfg.rollout.max_new_tokens, num_windows=n_win)
                         self.acc.backward(out.loss)
                     total += out.loss.item()
                     for key, v in out.metrics.items():
@@ -452,8 +412,8 @@ class LLMTrainer:
                 for p in self.model.parameters():  # all groups skipped: zero grads keep AdamW's step identical
                     if p.requires_grad and p.grad is None:
                         p.grad = torch.zeros_like(p)
-                gn = self.acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm) \
-                    if cfg.optim.max_grad_norm else torch.tensor(float("nan"))
+                gn = self.acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm) \
+                    if cfg.train.max_grad_norm else torch.tensor(float("nan"))
                 self.opt.step()
                 self.sched.step()
                 self._weights_version += 1
@@ -463,6 +423,22 @@ class LLMTrainer:
         stats.update({"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
                       "zero_adv_groups_skipped": skipped / max(1, a.num_iterations), "idle_mini_batches": idle})
         return stats
+
+    def _windows(self, chunk: Tensor, G: int, loss_mask: Tensor) -> tuple[Tensor | None, float | None]:
+        """``micro-token-mean`` (TRL bnpo): each row's accumulation-window token count ``[n]`` and the windows per
+        step ``W`` (global count / P, as DDP averages). Windows are the ``train.batch_size`` splits of the
+        mini-batch *before* zero-advantage groups are skipped, so skipping never changes a normaliser."""
+        if self.cfg.algo.loss_agg_mode != "micro-token-mean":
+            return None, None
+        row_tok = torch.zeros(loss_mask.shape[0], dtype=torch.float32, device=loss_mask.device)
+        wins = self._micro(chunk, G) if len(chunk) else []
+        for w in wins:
+            row_tok[w] = loss_mask[w].sum().float()
+        n_win = torch.tensor([float(len(wins))], device=self.acc.device)
+        P = self.acc.num_processes
+        if P > 1:
+            n_win = self.acc.reduce(n_win, reduction="sum")
+        return row_tok, max(float(n_win[0]) / P, 1e-12)
 
     def _zero_backward(self) -> None:
         """A backward of ``0 * logits`` through the wrapped model (all parameters): DDP all-reduces as usual."""
@@ -474,8 +450,8 @@ class LLMTrainer:
     @torch.no_grad()
     def evaluate(self, n: int | None = None, temperature: float | None = None, split: str = "heldout") -> dict:
         """Answer accuracy and format rate on ``n`` examples of ``split`` (fixed seed: comparable across calls)."""
-        exs = (self.heldout if split == "heldout" else self.train_set)[: n or self.cfg.train.eval_prompts]
-        T = self.cfg.train.eval_temperature if temperature is None else temperature
+        exs = (self.heldout if split == "heldout" else self.train_set)[: n or self.cfg.eval.num_prompts]
+        T = self.cfg.eval.temperature if temperature is None else temperature
         g = torch.Generator().manual_seed(self.cfg.seed + 12345)
         ro = self._generate([e.prompt for e in exs], 1, T, g)
         answers = [e.answer for e in exs]
@@ -491,13 +467,15 @@ class LLMTrainer:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})
                         + "\n")
+        if self.cfg.log.trackers:  # the same record, numeric leaves (eval/accuracy, reward/<name>, ...)
+            self.acc.log(trackers.scalars(metrics), step=metrics["step"])
 
     def train(self, steps: int | None = None, progress: bool = True) -> list[dict]:
         """Run ``steps`` (default ``train.steps``) steps with periodic held-out evaluation and checkpoints."""
         from tqdm.auto import tqdm
 
         steps = self.cfg.train.steps if steps is None else steps
-        t = self.cfg.train
+        ev, ck = self.cfg.eval, self.cfg.checkpoint
         history = []
         if self.step == 0:
             self._log({"step": 0, "eval": self.evaluate()})
@@ -508,16 +486,19 @@ class LLMTrainer:
             history.append(m)
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward']:.3f}")
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < end:
+            if ev.every and self.step % ev.every == 0 and self.step < end:
                 self._log({"step": self.step, "eval": self.evaluate()})
-            if t.save_every and self.step % t.save_every == 0:
+            if ck.every and self.step % ck.every == 0:
                 self.save()
         bar.close()
         self._log({"step": self.step, "eval": self.evaluate()})
         self.save()
+        if self.cfg.log.trackers:
+            self.acc.end_training()  # flush + close (TensorBoard reopens its writer if train() runs again)
         return history
 
-    def _trainable_state(self) -> dict[str, Tensor]:
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The trained weights by name (LoRA adapters, or the whole model), CPU copies."""
         model = self.policy
         if self.lora:
             from peft import get_peft_model_state_dict
@@ -528,55 +509,35 @@ class LLMTrainer:
         # clone: tied embeddings share storage, which safetensors refuses
         return {k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
 
-    def save(self, path: str | Path | None = None) -> Path:
-        """Write ``checkpoint-<step>`` (weights, optimizer, scheduler, RNG, prompt cursor) atomically."""
-        from safetensors.torch import save_file
-
-        path = Path(path) if path else self.out / f"checkpoint-{self.step}"
-        if not self.acc.is_main_process:
-            return path
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(self._trainable_state(), str(tmp / "weights.safetensors"))
-        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "step": self.step,
-                    "rng_torch": torch.get_rng_state(), "gen_prompts": self.gen_prompts.get_state(),
-                    "gen_sample": self.gen_sample.get_state(), "perm": self._perm, "pos": self._pos,
-                    "epoch": self._epoch, "lora": self.lora, "world_size": self.acc.num_processes},
-                   tmp / "trainer_state.pt")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        return path
-
-    def resume(self, path: str | Path) -> None:
-        """Restore a checkpoint written by ``save``; the run then continues bit-for-bit (CPU)."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        sd = load_file(str(path / "weights.safetensors"))
+    def load_trainable_state(self, sd: dict[str, Tensor]) -> None:
         if self.lora:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.policy, sd)
         else:
             self.policy.load_state_dict(sd)
-        st = torch.load(path / "trainer_state.pt", weights_only=True)
-        if bool(st["lora"]) != self.lora:
-            raise ValueError(f"checkpoint {path} has lora={st['lora']} but the config has lora={self.lora}")
-        self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        self.step, self._perm, self._pos = int(st["step"]), st["perm"], int(st["pos"])
-        self._epoch = int(st.get("epoch", 0))
         self._weights_version += 1  # new weights: a vLLM engine must reload them
-        if self.acc.is_main_process:  # steps logged after this checkpoint are about to run again
-            from flowalign.checkpoint import truncate_log
 
-            truncate_log(self.out / "metrics.jsonl", self.step, key="step")
-        torch.set_rng_state(st["rng_torch"])
-        self.gen_prompts.set_state(st["gen_prompts"])
-        self.gen_sample.set_state(st["gen_sample"])
+    def save(self) -> Path:
+        """Write ``checkpoint-<step>`` crash-safely (``flowalign.llm.checkpointing``); every process calls it."""
+        return checkpointing.save(self)
+
+    def resume(self, path: str | Path) -> None:
+        """Restore a checkpoint written by ``save`` (or ``"latest"``); the run then continues bit-for-bit (CPU).
+        ``"latest"`` with no checkpoint yet (a run killed before its first save) starts afresh: the log rows of
+        the killed run are dropped so none is written twice."""
+        found = checkpointing.resolve(str(path), self)
+        if found is None:
+            import sys
+
+            from flowalign import checkpoint as ckpt
+
+            print(f"warning: --resume {path}: no checkpoint under {checkpointing.checkpoint_root(self)}; "
+                  "starting afresh", file=sys.stderr)
+            if self.acc.is_main_process:
+                ckpt.truncate_log(self.out / "metrics.jsonl", 0, key="step")
+            return
+        checkpointing.load(self, found)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -588,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flowalign train", description="LLM RLVR training (GRPO family)")
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    ap.add_argument("--resume", default=None, help="checkpoint directory, or 'latest' in output_dir")
+    ap.add_argument("--resume", default=None, help="checkpoint directory, or 'latest' in the run's checkpoints")
     ap.add_argument("--dry-run", action="store_true", help="validate the config, print it, exit")
     args = ap.parse_args(argv)
     try:
@@ -601,20 +562,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tr = LLMTrainer(cfg)
     if args.resume:
-        path = latest_checkpoint(cfg.output_dir) if args.resume == "latest" else Path(args.resume)
-        if path is None:
-            print(f"--resume latest: no checkpoint in {cfg.output_dir}", file=sys.stderr)
+        try:
+            tr.resume(args.resume)
+        except FileNotFoundError as e:
+            print(f"--resume: {e}", file=sys.stderr)
             return 2
-        tr.resume(path)
     tr.train(max(0, cfg.train.steps - tr.step))
     print(json.dumps({"final_eval": tr.evaluate()}))
     return 0
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The ``checkpoint-<step>`` directory with the largest step, or None."""
-    cks = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
 
 
 if __name__ == "__main__":

@@ -1,34 +1,4 @@
-"""Direct reward backpropagation: the shared method skeleton, and AlignProp (Prabhudesai et al., arXiv 2310.03739).
-
-Every reward-backprop method here samples images with the current weights, keeps a graph through *some* of the
-sampling, decodes, scores with a differentiable reward and minimises ``loss_scale * objective(r)``. They differ only
-in which steps carry gradient and which image the reward sees (reference ``backprop_preference.md`` Part A):
-
-=============  ================================================================  ======================
-method         gradient path                                                      file
-=============  ================================================================  ======================
-``alignprop``  the last ``K`` steps of the chain, ``K`` drawn per micro-batch     this file
-``draft``      DRaFT-K: the last ``K`` steps, ``K`` fixed (1 by default)          ``draft.py``
-``draft_lv``   DRaFT-LV: the last step, on the sample and ``n`` re-noised copies  ``draft.py``
-``refl``       one step at a random late index, reward on its ``x0`` estimate    ``refl.py``
-``leapalign``  two leaps between random steps of a no-grad ODE trajectory         ``leapalign.py``
-=============  ================================================================  ======================
-
-The skeleton (``RewardBackprop``) owns prompts, noise, batching, reward scoring and the objective; a method only
-implements ``forward`` (noise -> differentiable images). Sampling happens inside ``loss`` so that every optimizer
-step trains on samples of its own weights (on-policy; ``collect`` only deals prompts and rows). One round is
-``sample.prompts_per_round x sample.group_size`` rows, split into ``train.updates_per_iteration`` optimizer steps
-and micro-batches of ``train.batch_size`` rows; row ``r`` of iteration ``it`` starts from the noise of
-``(seed, "noise", it, r)`` on any process count, and a micro-batch's draws (``K``, ReFL's step, LeapAlign's
-indices) come from ``(seed, "draw", it, first row)``.
-
-Objective per image (``objective``): ``maximize`` ``-r`` (DRaFT), ``hinge`` ``relu(hinge - r)`` (ReFL: 2.0 on
-ImageReward; FlowBP: 0.55 on HPSv2.1), ``target`` ``|r - target|`` (AlignProp aesthetic: 10); times
-``loss_scale`` (AlignProp 0.01, ReFL 1e-3). Rewards: every reward with a nonzero weight must be differentiable;
-zero-weight non-differentiable components of ``reward.weights`` (e.g. ``shapes_geneval: 0.0``) are scored on
-detached images and logged only (monitors). Logged per micro-batch: ``reward_mean`` (the reward the loss saw),
-``reward_<name>_mean``, ``objective_mean``, the method's draws, and ``grad/{latent,out}_{first,mid,last}_third``:
-gradient norms reaching each third of the trajectory (``flowalign.diff_sampling.GradNorms``).
+"""AlignProp (Prabhudesai et al., arXiv 2310.03739): reward backprop through the last ``K`` steps of the chain.
 
 AlignProp (``alignprop_trainer.py``, ``sd_pipeline.py`` of mihirp1998/AlignProp; reference §A1): full-chain backprop
 with every denoiser call checkpointed and randomized truncation: the denoiser outputs of all but the last ``K`` steps
@@ -36,81 +6,49 @@ are cut (here: run under ``no_grad``, equivalent for the weights' gradient since
 grad). ``truncation``: ``uniform`` K in ``k_range`` (TRL's default, ``(0, 50)``), ``gaussian`` round(N(k_mean,
 k_std)) redrawn until in ``[1, N]`` (AlignProp's: start index N(42, 5) of 50 -> K ~ N(8, 5)), ``fixed`` ``k``
 (AlignProp ``*_k1.sh``), ``none`` (K = N, full chain). CFG is applied inside the chain (``sample.guidance``).
+
+The engine (prompts, noise, batching, reward, objective and its options) is ``backprop.RewardBackprop``; this file
+adds the truncation rule (``Truncation``, also composed by DRaFT-K in ``draft.py``) and its ``truncated_chain``.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from flowalign import diff_sampling as ds
-from flowalign import sde
-from flowalign.config import ConfigError, help_field, from_dict, load_prompts
-from flowalign.methods.base import (
-    METHODS,
-    Batch,
-    Collected,
-    Method,
-    PromptSampler,
-    Runtime,
-    TrainState,
-    generator,
-)
-
 from flowalign.adapter import Cond
-
-OPTIONS_KEY = "train.method_options"
-
-
-# ----------------------------------------------------------------------------------------------- options
-@dataclass
-class BackpropOptions:
-    """Options shared by every reward-backprop method (``train.method_options``)."""
-
-    objective: Literal["maximize", "hinge", "target"] = help_field(
-        "maximize", "Per-image objective: maximize -r, hinge relu(hinge - r) (ReFL), target |r - target| (AlignProp).")
-    loss_scale: float = help_field(1.0, "Multiplies the objective (AlignProp loss_coeff 0.01, ReFL grad_scale 1e-3).")
-    hinge: float = help_field(2.0, "Hinge level c of objective=hinge (ReFL 2.0 on ImageReward; FlowBP 0.55 on HPSv2.1).")
-    target: float = help_field(10.0, "Target of objective=target (AlignProp aesthetic: 10).")
-    checkpoint: bool = help_field(True, "Checkpoint every denoiser call that keeps a graph (use_reentrant=False).")
-    checkpoint_decode: bool = help_field(False, "Also checkpoint the decoder (VAE) call (worth it at >= 1024 px).")
-    grad_norms: bool = help_field(True, "Record per-step gradient norms (backward hooks) and log them per third.")
-    log_step_grad_norms: bool = help_field(False, "Also log grad/<latent|out>_step<i> for every step i.")
-
-    def check(self, cfg) -> None:
-        """Range checks that need the config (``ConfigError`` naming the key)."""
-        if not math.isfinite(self.loss_scale) or self.loss_scale <= 0:
-            raise ConfigError(f"{OPTIONS_KEY}.loss_scale must be a finite number > 0, got {self.loss_scale}")
-
-
-def _err(key: str, msg: str) -> ConfigError:
-    return ConfigError(f"{OPTIONS_KEY}.{key} {msg}")
+from flowalign.config import help_field
+from flowalign.methods.backprop import BackpropOptions, RewardBackprop, Tail, check_backprop_config
+from flowalign.methods.base import METHODS, Method, Runtime, option_error
+from flowalign.methods.options import compose_options
 
 
 @dataclass
-class AlignPropOptions(BackpropOptions):
+class Truncation:
+    """How many steps keep a graph (``K``, counted from the end), per micro-batch (AlignProp, DRaFT-K)."""
+
     truncation: Literal["uniform", "gaussian", "fixed", "none"] = help_field(
         "uniform", "How K (steps that keep a graph, from the end) is drawn per micro-batch: uniform in k_range, "
                    "gaussian N(k_mean, k_std), fixed k, none (K = num_steps: full chain).")
     k: int = help_field(1, "K of truncation=fixed (AlignProp K=1 scripts; DRaFT-K).")
     k_range: list[int] | None = help_field(None, "[lo, hi] (inclusive) of truncation=uniform; null = [1, num_steps].")
     k_mean: float = help_field(8.0, "Mean of truncation=gaussian (AlignProp: 50 - 42).")
-    k_std: float = help_field(5.0, "Std of truncation=gaussian (AlignProp: 5); draws outside [1, num_steps] are redrawn.")
+    k_std: float = help_field(5.0, "Std of truncation=gaussian (AlignProp: 5); draws outside [1, num_steps] are "
+                                   "redrawn.")
 
     def check(self, cfg) -> None:
-        super().check(cfg)
         n = cfg.sample.num_steps
         if self.truncation == "fixed" and not 1 <= self.k <= n:
-            raise _err("k", f"={self.k} must be in [1, sample.num_steps={n}]")
+            raise option_error("k", f"={self.k} must be in [1, sample.num_steps={n}]")
         if self.k_range is not None and not (len(self.k_range) == 2 and 1 <= self.k_range[0] <= self.k_range[1] <= n):
-            raise _err("k_range", f"={self.k_range} must be [lo, hi] with 1 <= lo <= hi <= sample.num_steps={n}")
+            raise option_error("k_range", f"={self.k_range} must be [lo, hi] with 1 <= lo <= hi <= "
+                                          f"sample.num_steps={n}")
         if self.k_std < 0:
-            raise _err("k_std", f"must be >= 0, got {self.k_std}")
+            raise option_error("k_std", f"must be >= 0, got {self.k_std}")
 
     def draw_k(self, num_steps: int, gen: torch.Generator) -> int:
         """K for one micro-batch (see ``truncation``)."""
@@ -128,200 +66,36 @@ class AlignPropOptions(BackpropOptions):
         return min(max(round(self.k_mean), 1), num_steps)
 
 
-# ----------------------------------------------------------------------------------------------- the skeleton
-@dataclass
-class Tail:
-    """What ``forward`` returns: differentiable images and how they enter the loss.
-
-    ``rows[m]`` is the micro-batch row image ``m`` belongs to (None: image m is row m); a row's loss is
-    ``sum_m weight[m] * loss_scale * objective(r_m)`` over its images (``weight`` None: 1).
-    """
-
-    images: Tensor
-    rows: Tensor | None = None
-    weight: Tensor | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
+def truncated_chain(engine: RewardBackprop, trunc: Truncation, x: Tensor, cond: Cond, sigmas: Tensor,
+                    draw: torch.Generator, noise: torch.Generator, norms: ds.GradNorms | None) -> Tail:
+    """The whole chain from the noise ``x [B, ...]``, keeping a graph through its last ``K`` steps only."""
+    n = len(sigmas) - 1
+    k = trunc.draw_k(n, draw)
+    chain = ds.integrate(engine.adapter, x, cond, sigmas, grad_from=n - k, **engine.chain_kwargs(norms, noise))
+    return Tail(engine.decode(chain.x), metrics={"truncation_k": float(k)})
 
 
-def score(reward_fn, images: Tensor, prompts: list[str], metadata: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Differentiable total reward ``[M]`` and detached components.
-
-    A ``Compose`` is evaluated component by component: differentiable ones on ``images`` (keeping the graph),
-    non-differentiable ones (which must have weight 0: monitors) on detached images under ``no_grad``.
-    """
-    comps = getattr(reward_fn, "components", None)
-    if comps is None:
-        total = reward_fn(images, prompts, metadata)
-        return total, {getattr(reward_fn, "name", "reward"): total.detach()}
-    total: Tensor | float = 0.0
-    parts = {}
-    for name, rf in comps.items():
-        w = reward_fn.weights[name]
-        if rf.differentiable:
-            v = rf(images, prompts, metadata)
-        else:
-            if w != 0:
-                raise ValueError(f"reward {name!r} (weight {w}) is not differentiable; reward backprop needs every "
-                                 "weighted reward differentiable (give monitors weight 0)")
-            with torch.no_grad():
-                v = rf(images.detach(), prompts, metadata)
-        parts[name] = v.detach()
-        if w != 0:
-            total = total + w * v.to(images.device)
-    if not torch.is_tensor(total):
-        raise ValueError("reward.weights gives every reward weight 0: nothing to maximise")
-    return total, parts
-
-
-class RewardBackprop(Method):
-    """Skeleton of the reward-backprop methods (see module docstring); subclasses implement ``forward``."""
-
-    name = "reward_backprop"
-    Options: ClassVar[type[BackpropOptions]] = BackpropOptions
-    #: whether the method needs the deterministic kernel (ODE / DDIM eta=0) for sample.kernel
-    deterministic_only: ClassVar[bool] = False
-
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
-        super().__init__(cfg, adapter, reward_fn, runtime)
-        s = cfg.sample
-        self.opts = self.options(cfg)
-        self.prompts, self.metadata = load_prompts(s.prompts)
-        self.sampler = PromptSampler(len(self.prompts), seed=cfg.seed, shuffle=s.shuffle_prompts)
-        ds.check_kernel(adapter, s.kernel)
-        if getattr(reward_fn, "components", None) is None and not getattr(reward_fn, "differentiable", False):
-            raise ValueError(f"{self.name} needs a differentiable reward, got {reward_fn!r}")
-        self.need_uncond = s.guidance != 1.0
-        self.last_norms: ds.GradNorms | None = None  # of the latest loss() (tests, notebooks)
-
-    # ------------------------------------------------------------------------------------------ config
-    @classmethod
-    def options(cls, cfg) -> BackpropOptions:
-        """``train.method_options`` parsed into ``cls.Options`` (unknown keys / wrong types: ConfigError)."""
-        opts = from_dict(cls.Options, dict(cfg.train.method_options), OPTIONS_KEY)
-        opts.check(cfg)
-        return opts
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        cls.options(cfg)
-        s, t = cfg.sample, cfg.train
-        if cls.deterministic_only and sde.is_stochastic(s.kernel, s.noise_level):
-            raise ConfigError(f"{cls.name} backpropagates through the deterministic sampler: set sample.kernel to "
-                              f"ode (flow) or ddim (epsilon) and sample.noise_level=0 (got {s.kernel!r}, "
-                              f"{s.noise_level})")
-        if t.num_inner_epochs != 1:
-            raise ConfigError(f"train.num_inner_epochs={t.num_inner_epochs}: {cls.name} samples fresh images in "
-                              "every update, so there is nothing to revisit; set it to 1")
-        from flowalign.rewards.base import REWARDS
-
-        for name, w in cfg.reward.weights.items():
-            if ":" in name or w == 0:
-                continue
-            obj = REWARDS.get(name)
-            if not getattr(obj, "differentiable", False):
-                raise ConfigError(f"reward.weights.{name}: {cls.name} backpropagates the reward, but {name!r} is not "
-                                  "differentiable; use a differentiable reward or give it weight 0 (logged only)")
-
-    # ------------------------------------------------------------------------------------------ collect
-    @torch.no_grad()
-    def collect(self, state: TrainState) -> Collected:
-        """Deal this round's rows: prompts, updates and this process's micro-batches (no sampling here)."""
-        cfg, s, rt = self.cfg, self.cfg.sample, self.runtime
-        pids = self.sampler.next(s.prompts_per_round).repeat_interleave(s.group_size)
-        rows = torch.arange(len(pids))
-        num_updates = min(cfg.train.updates_per_iteration, len(rows))
-        mbs = cfg.train_batch_size
-        batches, mine_total = [], 0
-        for u, part in enumerate(torch.tensor_split(rows, num_updates)):
-            mine = torch.tensor_split(part, rt.world_size)[rt.rank]
-            mine_total += len(mine)
-            for i in range(0, len(mine), mbs):
-                r = mine[i: i + mbs]
-                batches.append(Batch({"rows": r, "pids": pids[r], "iteration": state.iteration,
-                                      "weight": 1.0 / len(part)}, update=u))
-        return Collected(batches=batches, num_updates=num_updates, num_samples=mine_total,
-                         metrics={"rows_per_update": len(rows) / num_updates})
-
-    # ------------------------------------------------------------------------------------------ loss
-    def _objective(self, r: Tensor) -> Tensor:
-        o = self.opts
-        if o.objective == "maximize":
-            return -r
-        if o.objective == "hinge":
-            return torch.relu(o.hinge - r)
-        return (r - o.target).abs()
-
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
-        d, s, rt, o = batch.data, self.cfg.sample, self.runtime, self.opts
-        rows, pids, it = d["rows"], d["pids"], d["iteration"]
-        prompts = [self.prompts[int(p)] for p in pids]
-        meta = [dict(self.metadata[int(p)]) for p in pids]
-        neg = [s.negative_prompt] if self.need_uncond else None
-        t0 = time.perf_counter()
-        with rt.autocast():
-            cond = Cond.cat([self.adapter.encode([p], negative=neg) for p in prompts])
-            x = torch.cat([self.adapter.init_noise(1, generator(self.cfg.seed, "noise", it, int(r),
-                                                                  device=rt.device)) for r in rows])
-            sigmas = self.adapter.sigmas(s.num_steps)
-            draw = generator(self.cfg.seed, "draw", it, int(rows[0]))
-            noise = generator(self.cfg.seed, "kernel_noise", it, int(rows[0]), device=rt.device)
-            norms = ds.GradNorms(s.num_steps, len(rows)) if o.grad_norms else None
-            tail = self.forward(x, cond, sigmas, draw, noise, norms)
-            idx = tail.rows if tail.rows is not None else torch.arange(len(rows))
-            r, parts = score(self.reward_fn, tail.images, [prompts[int(i)] for i in idx],
-                             [meta[int(i)] for i in idx])
-        obj = self._objective(r) * o.loss_scale
-        per = obj if tail.weight is None else obj * tail.weight.to(obj.device, obj.dtype)
-        loss = per.sum() * d["weight"]
-        self.last_norms = norms
-        metrics: dict[str, Any] = {"reward_mean": r.detach().mean(), "objective_mean": obj.detach().mean(),
-                                   "time/forward": time.perf_counter() - t0, **tail.metrics}
-        if getattr(self.reward_fn, "components", None) is not None:
-            metrics.update({f"reward_{k}_mean": v.float().mean() for k, v in parts.items()})
-        if norms is not None:
-            metrics.update(norms.metrics(o.log_step_grad_norms))
-        return loss, metrics
-
-    def forward(self, x: Tensor, cond: Cond, sigmas: Tensor, draw: torch.Generator, noise: torch.Generator,
-                norms: ds.GradNorms | None) -> Tail:
-        """Initial noise ``x`` -> differentiable images. ``draw`` (CPU) for index draws, ``noise`` (device) for
-        kernel / re-noising noise; ``norms`` (may be None) watches the steps that keep a graph."""
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------------------------------ helpers
-    def chain_kwargs(self, norms: ds.GradNorms | None, noise: torch.Generator) -> dict[str, Any]:
-        s = self.cfg.sample
-        return {"guidance": s.guidance, "kernel": s.kernel, "noise_level": s.noise_level, "generator": noise,
-                "checkpoint": self.opts.checkpoint, "norms": norms}
-
-    def decode(self, x: Tensor) -> Tensor:
-        return ds.decode(self.adapter, x, self.opts.checkpoint_decode)
-
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-
-    @classmethod
-    def describe_options(cls) -> str:
-        """Every option with its type, default and help (as ``flowalign.config.describe``)."""
-        from flowalign.config import describe
-
-        return describe(cls.Options, OPTIONS_KEY + ".")
-
-
-# ----------------------------------------------------------------------------------------------- AlignProp
 @METHODS.register("alignprop")
-class AlignProp(RewardBackprop):
+class AlignProp(Method):
     """Full-chain reward backprop with checkpointing and randomized truncation (module docstring)."""
 
     name = "alignprop"
-    Options = AlignPropOptions
+    Options = compose_options("AlignPropOptions", BackpropOptions, Truncation)
+
+    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+        super().__init__(cfg, adapter, reward_fn, runtime)
+        opts = self.options(cfg)
+        self.trunc = opts.part(Truncation)
+        self.engine = RewardBackprop(self.name, cfg, adapter, reward_fn, self.runtime, opts.part(BackpropOptions),
+                                     self.forward)
+        self.component = self.engine
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        check_backprop_config(cls.name, cfg, deterministic_only=False)
 
     def forward(self, x, cond, sigmas, draw, noise, norms) -> Tail:
-        n = len(sigmas) - 1
-        k = self.opts.draw_k(n, draw)
-        chain = ds.integrate(self.adapter, x, cond, sigmas, grad_from=n - k, **self.chain_kwargs(norms, noise))
-        return Tail(self.decode(chain.x), metrics={"truncation_k": float(k)})
+        return truncated_chain(self.engine, self.trunc, x, cond, sigmas, draw, noise, norms)
+
 

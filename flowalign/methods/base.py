@@ -15,7 +15,9 @@ Every process must report the same ``num_updates``; a process may have no batch 
 
 The trainer owns devices, mixed precision, LoRA, accumulation, clipping, EMA, checkpoints and logs; the method
 reaches the model only through the adapter and ``Runtime`` (e.g. ``runtime.reference()`` for a KL term).
-A new method is one file registering a ``Method`` subclass in ``METHODS``; the trainer is not touched.
+A new method is one file registering a ``Method`` subclass in ``METHODS``; the trainer is not touched. Online
+methods compose the shared round of ``flowalign.methods.online`` (deal, sample, score, advantages, split, KL) instead
+of subclassing one another.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Runtime:
     gather: Callable[[Tensor], Tensor] = lambda t: t  # concatenate a per-process tensor over ranks (rank order)
     autocast: Callable[[], ContextManager] = nullcontext  # mixed precision for denoiser calls
     reference: Callable[[], ContextManager] = nullcontext  # inside: the adapter computes the reference policy
+    # wraps a loop inside one iteration (sampling chunks) in a progress bar: progress(iterable, desc) -> iterable
+    progress: Callable[[Any, str], Any] = lambda iterable, desc: iterable
 
     @property
     def is_main(self) -> bool:
@@ -79,10 +83,12 @@ class TrainState:
 
 @dataclass
 class Batch:
-    """One micro-batch: ``data`` is method-specific; ``update`` the optimizer step it contributes to."""
+    """One micro-batch: ``data`` is method-specific (a typed payload); ``update`` the optimizer step it contributes
+    to; ``weight`` the factor on its summed per-row loss (e.g. ``1 / N_u``, see the loss normalisation above)."""
 
     data: Any
     update: int = 0
+    weight: float = 1.0
 
 
 @dataclass
@@ -95,6 +101,7 @@ class Collected:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: "sample", "reward", ...
     num_samples: int = 0  # samples generated on this process
     images: Tensor | None = None  # a few samples for image logging (main process)
+    captions: list[str] | None = None  # one per logged image: "<prompt> | reward r" (flowalign.trackers)
 
 
 @dataclass
@@ -121,6 +128,10 @@ class Method:
 
     name: ClassVar[str] = "method"
     Options: ClassVar[type] = NoOptions
+    #: the shared piece this method composes (``OnlineRound``, ``PairRound``, the reward-backprop engine): unless
+    #: the method overrides them, ``state_dict`` / ``load_state_dict`` / ``close`` delegate to it, and so do
+    #: ``collect`` / ``loss`` when the component has them (a method that only supplies a forward, e.g. DRaFT)
+    component: Any = None
 
     def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
         self.cfg = cfg
@@ -151,20 +162,27 @@ class Method:
         """Checks that need the process count (called when the trainer starts)."""
 
     def collect(self, state: TrainState) -> Collected:
-        raise NotImplementedError
+        if not hasattr(self.component, "collect"):
+            raise NotImplementedError(f"{type(self).__name__} defines no collect() and composes no component with one")
+        return self.component.collect(state)
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError
+        if not hasattr(self.component, "loss"):
+            raise NotImplementedError(f"{type(self).__name__} defines no loss() and composes no component with one")
+        return self.component.loss(batch)
 
     def state_dict(self) -> dict:
         """JSON-serialisable state to checkpoint (e.g. a prompt-sampler position)."""
-        return {}
+        return {} if self.component is None else self.component.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.component is not None:
+            self.component.load_state_dict(state)
 
     def close(self) -> None:
         """Release threads/resources."""
+        if self.component is not None and hasattr(self.component, "close"):
+            self.component.close()
 
 
 class PromptSampler:

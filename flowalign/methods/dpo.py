@@ -20,9 +20,9 @@ order; each pair is evaluated at ``timesteps_per_pair`` noise levels (Diffusion-
 step). Every draw of a pair (timesteps, noise, VAE sample) comes from ``(seed, iteration, position)``, so an update
 does not depend on the process count or the micro-batch size.
 
-Latents: an adapter may define ``encode_images(images, generator)``; otherwise the pipeline's VAE is inverted with
-the adapter's own ``decode`` convention (SD1.5/SD3 ``(z - shift) * scale``, FLUX packed, Wan ``latents_mean/std``)
-and pixel-space models (the shapes model) use ``2 img - 1`` (checked against ``decode``).
+Latents: the adapter contract's ``encode_images(images, generator)`` (``flowalign.adapter``), the inverse of each
+family's ``decode`` (SD1.5/SDXL/SD3 ``(z - shift) * scale``, FLUX packed, Wan ``latents_mean/std``; pixel-space
+models such as the shapes model ``2 img - 1``).
 """
 
 from __future__ import annotations
@@ -33,18 +33,27 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from flowalign.config import ConfigError, help_field, from_dict
-from flowalign.losses import diffusion_dpo_loss
-from flowalign.methods.base import METHODS, Batch, Collected, Method, PromptSampler, Runtime, TrainState, generator
-from flowalign.pairs import Pair, load_media, load_pairs
-
 from flowalign.adapter import Cond
-
-OPTIONS_KEY = "train.method_options"
+from flowalign.config import ConfigError, help_field
+from flowalign.losses import diffusion_dpo_loss
+from flowalign.methods.base import (
+    METHODS,
+    Batch,
+    Collected,
+    Method,
+    PromptSampler,
+    Runtime,
+    TrainState,
+    generator,
+    option_error,
+)
+from flowalign.pairs import Pair, load_media, load_pairs
 
 
 @dataclass
 class DPOOptions:
+    """Offline DPO's options (``train.method_options``)."""
+
     pairs: str = help_field("", "Pairs dataset: a .jsonl of {id, prompt, chosen, rejected} (paths relative to it) or a "
                         "labelled queue folder (pairs.jsonl + labels.jsonl from `flowalign label serve`).")
     pairs_per_update: int = help_field(8, "Pairs per optimizer step over all processes (Diffusion-DPO: 2048 on 16 GPUs).")
@@ -60,45 +69,19 @@ class DPOOptions:
 
     def check(self, cfg) -> None:
         if not self.pairs:  # its rows are read and validated when the method is built (they need the model size)
-            raise ConfigError(f"{OPTIONS_KEY}.pairs is required: a pairs .jsonl or a labelled queue folder")
+            raise option_error("pairs", "is required: a pairs .jsonl or a labelled queue folder")
         if self.pairs_per_update < 1 or self.timesteps_per_pair < 1:
-            raise ConfigError(f"{OPTIONS_KEY}.pairs_per_update and timesteps_per_pair must be >= 1")
+            raise option_error("pairs_per_update and timesteps_per_pair", "must be >= 1")
         if self.logit_std <= 0 or (self.shift is not None and self.shift <= 0):
-            raise ConfigError(f"{OPTIONS_KEY}.logit_std and shift must be > 0")
+            raise option_error("logit_std and shift", "must be > 0")
         if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"{OPTIONS_KEY}.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise option_error("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
 
 
 # ----------------------------------------------------------------------------------------------- latents
-@torch.no_grad()
 def to_latents(adapter, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Images in [0, 1] (``B,C,H,W`` or ``B,T,C,H,W``) -> the adapter's latents (the inverse of ``decode``)."""
-    if hasattr(adapter, "encode_images"):
-        return adapter.encode_images(images, generator=generator)
-    pipe = getattr(adapter, "pipe", None)
-    vae = getattr(pipe, "vae", None)
-    x = images.to(adapter.device) * 2 - 1
-    if vae is None:
-        probe = torch.linspace(-1, 1, 7, device=adapter.device).view(1, 1, 1, 7)
-        if not torch.allclose(adapter.decode(probe).float(), probe / 2 + 0.5, atol=1e-6):
-            raise ValueError(f"{type(adapter).__name__} has no VAE and is not a pixel-space model; give it an "
-                             "encode_images(images, generator) method")
-        return x.to(adapter.dtype)
-    cfg = vae.config
-    if x.ndim == 5:  # video B,T,C,H,W -> the VAE's B,C,T,H,W
-        if getattr(cfg, "latents_mean", None) is None:
-            raise ValueError(f"{type(adapter).__name__}: cannot invert a video VAE without latents_mean/std; give the "
-                             "adapter an encode_images(images, generator) method")
-        z = vae.encode(x.permute(0, 2, 1, 3, 4).to(vae.dtype)).latent_dist.sample(generator)
-        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
-        return ((z - mean) / std).to(adapter.init_noise(1).dtype)
-    z = vae.encode(x.to(vae.dtype)).latent_dist.sample(generator)
-    z = (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
-    if hasattr(adapter, "unpack"):  # FLUX: packed 2x2 patches
-        b, c, h, w = z.shape
-        z = pipe._pack_latents(z, b, c, h, w)
-    return z.to(adapter.dtype)
+    """Images in [0, 1] (``B,C,H,W`` or ``B,T,C,H,W``) -> the adapter's latents: the contract's ``encode_images``."""
+    return adapter.encode_images(images, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------- method
@@ -122,25 +105,14 @@ class DPO(Method):
         o = self.opts
         self.sampling = o.timestep_sampling if o.timestep_sampling != "auto" else \
             ("logit_normal" if self.flow else "uniform")
-        sched = adapter.pipe.scheduler if getattr(adapter, "pipe", None) is not None else None
-        if self.flow:
-            self.shift = o.shift if o.shift is not None else float(getattr(getattr(sched, "config", None),
-                                                                           "shift", 1.0) or 1.0)
-        else:
-            if sched is None or not hasattr(sched, "alphas_cumprod"):
-                raise ValueError(f"{type(adapter).__name__}: an epsilon model needs pipe.scheduler.alphas_cumprod")
-            # sqrt(1 - alpha_bar_t): the sigma slot of epsilon adapters, computed as SD15Adapter does (exact lookup)
-            self.levels = torch.sqrt(1.0 - sched.alphas_cumprod.double()).float()
-
-    @classmethod
-    def options(cls, cfg) -> DPOOptions:
-        opts = from_dict(cls.Options, dict(cfg.train.method_options), OPTIONS_KEY)
-        opts.check(cfg)
-        return opts
+        if self.flow:  # the adapter contract gives the training-time schedule (flowalign.adapter)
+            self.shift = o.shift if o.shift is not None else adapter.flow_shift()
+        else:  # sqrt(1 - alpha_bar_t), the sigma slot of epsilon adapters (exact lookup in predict)
+            self.levels = adapter.ddpm_levels()
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        cls.options(cfg)
+        super().check_config(cfg)
         if not cfg.train.beta > 0:
             raise ConfigError(f"train.beta is DPO's beta and must be > 0 (Diffusion-DPO SD1.5: 5000 for epsilon "
                               f"models, flow_grpo: 100 for flow models), got {cfg.train.beta}")

@@ -44,20 +44,18 @@ import torch
 from torch import Tensor
 
 from flowalign import diff_sampling as ds
-from flowalign.config import ConfigError, help_field
-from flowalign.methods.alignprop import (
-    OPTIONS_KEY,
-    BackpropOptions,
-    RewardBackprop,
-    Tail,
-)
-from flowalign.methods.base import METHODS
+from flowalign.config import help_field
+from flowalign.methods.backprop import BackpropOptions, RewardBackprop, Tail, check_backprop_config
+from flowalign.methods.base import METHODS, Method, Runtime, option_error
+from flowalign.methods.options import compose_options
 
 INDEX_SAMPLERS = ("uniform", "midpoint", "midpoint_j", "dirichlet")
 
 
 @dataclass
-class LeapAlignOptions(BackpropOptions):
+class Leaps:
+    """LeapAlign's index draws, leaps and weights (module docstring)."""
+
     index_sampler: Literal["uniform", "midpoint", "midpoint_j", "dirichlet"] = help_field(
         "uniform", "How (k, j) are drawn: uniform pair, midpoint (j halfway from k to the end), midpoint_j (k halfway "
                    "from the start to j), dirichlet segment lengths (FlowBP jk_sampling).")
@@ -72,24 +70,24 @@ class LeapAlignOptions(BackpropOptions):
         "endpoint", "The reward sees the true sample via x^_0 + sg(x_N - x^_0) (FlowBP) or the leap's x^_0.")
     weighting: Literal["inverse_distance", "none"] = help_field(
         "inverse_distance", "Per-sample weight 1 / (max(d_j, tau) + max(d_0, tau)) (FlowBP), or none.")
-    distance: Literal["l1", "l2"] = help_field("l1", "d_j, d_0: mean |difference| (l1, FlowBP) or root mean square (l2).")
+    distance: Literal["l1", "l2"] = help_field("l1", "d_j, d_0: mean |difference| (l1, FlowBP) or root mean square "
+                                                     "(l2).")
     tau: float = help_field(0.1, "Floor of each distance in the weight (FlowBP 0.1): caps a weight at 1 / (2 tau).")
 
     def check(self, cfg) -> None:
-        super().check(cfg)
         n = cfg.sample.num_steps
         lo, hi = self.index_range if self.index_range is not None else (0, n)
         if self.index_range is not None and len(self.index_range) != 2:
-            raise ConfigError(f"{OPTIONS_KEY}.index_range={self.index_range} must be [lo, hi)")
+            raise option_error(f"index_range={self.index_range}", "must be [lo, hi)")
         if not (0 <= lo and lo + 2 <= hi <= n):
-            raise ConfigError(f"{OPTIONS_KEY}.index_range=[{lo}, {hi}) must hold two steps k < j within "
-                              f"[0, sample.num_steps={n}) (LeapAlign needs num_steps >= 2)")
+            raise option_error(f"index_range=[{lo}, {hi})", f"must hold two steps k < j within "
+                               f"[0, sample.num_steps={n}) (LeapAlign needs num_steps >= 2)")
         if not 0 <= self.nested_scale <= 1:
-            raise ConfigError(f"{OPTIONS_KEY}.nested_scale must be in [0, 1], got {self.nested_scale}")
+            raise option_error("nested_scale", f"must be in [0, 1], got {self.nested_scale}")
         if self.tau <= 0:
-            raise ConfigError(f"{OPTIONS_KEY}.tau must be > 0, got {self.tau}")
+            raise option_error("tau", f"must be > 0, got {self.tau}")
         if self.dirichlet_alpha <= 0:
-            raise ConfigError(f"{OPTIONS_KEY}.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+            raise option_error("dirichlet_alpha", f"must be > 0, got {self.dirichlet_alpha}")
 
     def window(self, num_steps: int) -> tuple[int, int]:
         return tuple(self.index_range) if self.index_range is not None else (0, num_steps)  # type: ignore[return-value]
@@ -127,22 +125,36 @@ def _distance(a: Tensor, b: Tensor, kind: str) -> Tensor:
 
 
 @METHODS.register("leapalign")
-class LeapAlign(RewardBackprop):
+class LeapAlign(Method):
     """Two-leap reward backprop from a no-grad ODE trajectory (module docstring)."""
 
     name = "leapalign"
-    Options = LeapAlignOptions
-    deterministic_only = True
+    Options = compose_options("LeapAlignOptions", BackpropOptions, Leaps)
+
+    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+        super().__init__(cfg, adapter, reward_fn, runtime)
+        opts = self.options(cfg)
+        self.leaps = opts.part(Leaps)
+        self.engine = RewardBackprop(self.name, cfg, adapter, reward_fn, self.runtime, opts.part(BackpropOptions),
+                                     self.forward)
+        self.component = self.engine
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        check_backprop_config(cls.name, cfg, deterministic_only=True)
+
 
     def forward(self, x, cond, sigmas, draw, noise, norms) -> Tail:
-        o, a = self.opts, self.adapter
+        o, e = self.leaps, self.engine
+        a, ckpt = e.adapter, e.opts.checkpoint
         n, b = len(sigmas) - 1, x.shape[0]
         lo, hi = o.window(n)
         pairs = [draw_pair(o.index_sampler, lo, hi, draw, o.dirichlet_alpha)
                  for _ in range(b if o.draw == "sample" else 1)]
         k = torch.tensor([p[0] for p in pairs]).expand(b)
         j = torch.tensor([p[1] for p in pairs]).expand(b)
-        kw = self.chain_kwargs(None, noise)
+        kw = e.chain_kwargs(None, noise)
         chain = ds.integrate(a, x, cond, sigmas, capture=sorted(set(k.tolist()) | set(j.tolist())), **kw)
         x_n = chain.x
         x_k = torch.stack([chain.states[int(k[i])][i] for i in range(b)])
@@ -154,13 +166,13 @@ class LeapAlign(RewardBackprop):
         if norms is not None:
             x_k = x_k.detach().requires_grad_(True)
             norms.watch("latent", x_k, k)
-        v_k = ds.predict(a, x_k, s_k, cond, kw["guidance"], o.checkpoint)  # leap 1
+        v_k = ds.predict(a, x_k, s_k, cond, kw["guidance"], ckpt)  # leap 1
         xj_hat = ds.leap(a, x_k, v_k, s_k, s_j)
         xj = ds.straight_through(xj_hat, x_j) if o.connector == "straight_through" else xj_hat
         if norms is not None:
             norms.watch("out", v_k, k)
             norms.watch("latent", xj, j)
-        v_j = ds.predict(a, ds.scale_grad(xj, o.nested_scale), s_j, cond, kw["guidance"], o.checkpoint)  # leap 2
+        v_j = ds.predict(a, ds.scale_grad(xj, o.nested_scale), s_j, cond, kw["guidance"], ckpt)  # leap 2
         if norms is not None:
             norms.watch("out", v_j, j)
         x0_hat = ds.leap(a, xj, v_j, s_j, s_n)
@@ -173,4 +185,4 @@ class LeapAlign(RewardBackprop):
                    "leap_d0": d_0.mean()}
         if weight is not None:
             metrics["leap_weight"] = weight.mean()
-        return Tail(self.decode(x0), weight=weight, metrics=metrics)
+        return Tail(e.decode(x0), weight=weight, metrics=metrics)

@@ -6,7 +6,7 @@ One iteration:
 1. **Sample** clean images ``x0`` with the *old* policy ``v_old`` -- an EMA of the trained weights -- and **any**
    sampler: deterministic Euler or DPM-Solver++(2M) (``sample.kernel: ode`` + ``method_options.ode_solver: dpm2``,
    NFT's default) or an SDE kernel. Only ``x0`` is kept. Rewards and group advantages as in Flow-GRPO (the rollout
-   and scoring loop is ``FlowGRPO.collect``, run with the old weights swapped in).
+   and scoring loop is the shared online round, ``flowalign.methods.online``, run with the old weights swapped in).
 2. **Optimality weight** ``r = clip((clip(A, +-c) / c) / 2 + 1/2, 0, 1)`` with ``c = train.adv_clip_max``.
 3. **Loss** per row and timestep: re-noise ``x_t = (1 - t) x0 + t eps`` at ``K = int(N * timestep_fraction)``
    timesteps per sample (a random subset of the sampling schedule, fresh ``eps``), and contrast the implicit
@@ -33,6 +33,8 @@ from __future__ import annotations
 import base64
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from safetensors.torch import load as st_load
@@ -40,16 +42,71 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from flowalign import sde
-from flowalign.config import ConfigError
-from flowalign.methods.base import METHODS, Batch, Collected, Runtime, TrainState, generator
-from flowalign.methods.flow_grpo import FlowGRPO
+from flowalign.adapter import Cond
+from flowalign.config import ConfigError, help_field
+from flowalign.methods.base import METHODS, Batch, Collected, Method, Runtime, TrainState, generator, option_error
+from flowalign.methods.online import OnlineRound, flat_metrics, flat_sampler, row_batches, split_updates
 from flowalign.schedules import StepPlan
 from flowalign.solvers import SOLVERS
 
 #: NFT ``return_decay`` presets: (flat, rate, cap)
 DECAY_TYPES: dict[int, tuple[float, float, float]] = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
 ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
-OPTIONS = ("nft_beta", "decay_type", "old_decay", "timestep_fraction", "adv_mode", "ode_solver", "post_compress")
+
+
+@dataclass
+class NFTOptions:
+    """``train.method_options`` of nft; ``check``: the rules that need the whole config."""
+
+    nft_beta: float = help_field(1.0, "b of the implicit policies v+- (NFT: 1.0, 0.1 for OCR and multi-reward).")
+    decay_type: int = help_field(1, "Old-policy EMA preset (NFT return_decay): 0, 1 or 2 (module docstring).")
+    old_decay: list[float] | None = help_field(None, "[flat, rate, cap] of the old-policy EMA; overrides decay_type.")
+    timestep_fraction: float = help_field(0.99, "Train at int(N * fraction) of the N sampling timesteps per row.")
+    adv_mode: Literal[ADV_MODES] = help_field("all", "Reshape of the clipped advantage (NFT adv_mode).")
+    ode_solver: str = help_field("euler", "Deterministic sampler of the old policy: euler or dpm2 (NFT's default).")
+    post_compress: float = help_field(1.0, "Keep this fraction of the post-window ODE steps (flowalign.solvers).")
+
+    def check(self, cfg) -> None:
+        s = cfg.sample
+        if not self.nft_beta > 0:
+            raise option_error("nft_beta", f"must be a number > 0 (NFT: 1.0, 0.1 for OCR), got {self.nft_beta!r}")
+        d = self.old_decay
+        if d is not None and not (len(d) == 3 and d[0] >= 0 and d[1] >= 0 and 0 <= d[2] < 1):
+            raise option_error("old_decay", f"must be [flat >= 0, rate >= 0, cap in [0, 1)], got {d!r}")
+        if d is None and self.decay_type not in DECAY_TYPES:
+            raise option_error(f"decay_type={self.decay_type!r}", "is not allowed. Allowed: "
+                               f"{', '.join(map(str, DECAY_TYPES))} (NFT return_decay presets)")
+        if not 0 < self.timestep_fraction <= 1 or int(s.num_steps * self.timestep_fraction) < 1:
+            raise option_error(f"timestep_fraction={self.timestep_fraction!r}", "must be in (0, 1] and train at "
+                               f"least one of sample.num_steps={s.num_steps} timesteps")
+        if self.ode_solver not in SOLVERS:
+            raise option_error(f"ode_solver={self.ode_solver!r}", f"is not allowed. Allowed: {', '.join(SOLVERS)}")
+        if not 0 < self.post_compress <= 1:
+            raise option_error("post_compress", "must be in (0, 1]")
+        if (self.ode_solver != "euler" or self.post_compress != 1.0) and sde.is_stochastic(s.kernel, s.noise_level):
+            raise ConfigError("train.method_options.ode_solver/post_compress apply to deterministic rollouts: "
+                              "set sample.kernel=ode (sample.noise_level=0)")
+
+
+@dataclass
+class X0Store:
+    """This process's clean samples of the iteration (rows in global order of its chunk range)."""
+
+    latents: Tensor  # [n, 1, ...] the old policy's clean samples x0
+    cond: Cond
+    adv: Tensor  # [n]
+    sigmas: Tensor  # [N+1] the sampling schedule (timesteps are drawn from it)
+    tidx: list[Tensor]  # per inner epoch [n, K]: the sigma indices each row trains at
+
+
+@dataclass
+class RowSlot:
+    """A micro-batch: local rows ``[b]``, their ``slot``-th timestep draw of inner epoch ``epoch``."""
+
+    rows: Tensor
+    slot: int
+    epoch: int
+    row0: int  # global index of local row 0 (the noise seeds are global)
 
 
 def old_decay(step: int, flat: float, rate: float, cap: float) -> float:
@@ -100,70 +157,42 @@ def nft_loss(v: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, t: Tensor, r: Te
 
 
 @METHODS.register("nft")
-class DiffusionNFT(FlowGRPO):
+class DiffusionNFT(Method):
     """DiffusionNFT: forward-process RL with implicit positive/negative policies (see module docstring)."""
 
     name = "nft"
+    Options = NFTOptions
 
     def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
-        o = cfg.train.method_options
-        self.beta = float(o.get("nft_beta", 1.0))
-        self.decay = tuple(o["old_decay"]) if "old_decay" in o else DECAY_TYPES[int(o.get("decay_type", 1))]
-        self.fraction = float(o.get("timestep_fraction", 0.99))
-        self.adv_mode = o.get("adv_mode", "all")
+        self.opts: NFTOptions = self.options(cfg)
+        self.round = OnlineRound(cfg, adapter, reward_fn, self.runtime)
+        self.component = self.round
+        self.decay = tuple(self.opts.old_decay) if self.opts.old_decay is not None \
+            else DECAY_TYPES[self.opts.decay_type]
+        self.k = max(1, int(cfg.sample.num_steps * self.opts.timestep_fraction))  # trained timesteps per row
         # the trained parameters (LoRA or full, set up by the trainer) and their old-policy copy
         self.params = [p for p in adapter.trainable_module().parameters() if p.requires_grad]
         self.old = [p.detach().clone() for p in self.params]
         self._synced_step = 0  # optimizer step the old policy was last mixed at
         self._iteration = 0
-        self._tidx: list[Tensor] = []
+        self._store: X0Store | None = None
 
-    # ------------------------------------------------------------------------------------------ checks
     @classmethod
     def check_config(cls, cfg) -> None:
-        s, o = cfg.sample, cfg.train.method_options
-        unknown = set(o) - set(OPTIONS)
-        if unknown:
-            raise ConfigError(f"train.method_options: unknown key(s) {sorted(unknown)} for nft; "
-                              f"allowed: {', '.join(OPTIONS)}")
+        s = cfg.sample
         if s.guidance != 1.0:
             raise ConfigError(f"nft is CFG-free: the old policy samples without guidance and the loss trains the "
                               f"conditional velocity; set sample.guidance=1.0 (got {s.guidance})")
-        beta = o.get("nft_beta", 1.0)
-        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
-            raise ConfigError(f"train.method_options.nft_beta must be a number > 0 (NFT: 1.0, 0.1 for OCR), "
-                              f"got {beta!r}")
-        if "old_decay" in o:
-            d = o["old_decay"]
-            if not (isinstance(d, (list, tuple)) and len(d) == 3 and all(isinstance(v, (int, float)) for v in d)
-                    and d[0] >= 0 and d[1] >= 0 and 0 <= d[2] < 1):
-                raise ConfigError(f"train.method_options.old_decay must be [flat >= 0, rate >= 0, cap in [0, 1)], "
-                                  f"got {d!r}")
-        elif o.get("decay_type", 1) not in DECAY_TYPES:
-            raise ConfigError(f"train.method_options.decay_type={o['decay_type']!r} is not allowed. Allowed: "
-                              f"{', '.join(map(str, DECAY_TYPES))} (NFT return_decay presets)")
-        frac = o.get("timestep_fraction", 0.99)
-        if not isinstance(frac, (int, float)) or not 0 < frac <= 1 or int(s.num_steps * frac) < 1:
-            raise ConfigError(f"train.method_options.timestep_fraction={frac!r} must be in (0, 1] and train at "
-                              f"least one of sample.num_steps={s.num_steps} timesteps")
-        if o.get("adv_mode", "all") not in ADV_MODES:
-            raise ConfigError(f"train.method_options.adv_mode={o['adv_mode']!r} is not allowed. "
-                              f"Allowed: {', '.join(ADV_MODES)}")
-        if o.get("ode_solver", "euler") not in SOLVERS:
-            raise ConfigError(f"train.method_options.ode_solver={o['ode_solver']!r} is not allowed. "
-                              f"Allowed: {', '.join(SOLVERS)}")
-        if not 0 < float(o.get("post_compress", 1.0)) <= 1:
-            raise ConfigError("train.method_options.post_compress must be in (0, 1]")
-        if (o.get("ode_solver", "euler") != "euler" or "post_compress" in o) and sde.is_stochastic(s.kernel,
-                                                                                                  s.noise_level):
-            raise ConfigError("train.method_options.ode_solver/post_compress apply to deterministic rollouts: "
-                              "set sample.kernel=ode (sample.noise_level=0)")
+        super().check_config(cfg)
         from flowalign.adapter import ADAPTERS
 
         if ":" not in cfg.model.adapter and ADAPTERS.get(cfg.model.adapter).prediction_type != "flow":
             raise ConfigError(f"nft trains a flow-matching (velocity) model; model.adapter={cfg.model.adapter!r} "
                               "predicts noise")
+
+    def check_world(self, world_size: int) -> None:
+        self.round.check_world(world_size)
 
     # ------------------------------------------------------------------------------------------ old policy
     @contextlib.contextmanager
@@ -190,60 +219,49 @@ class DiffusionNFT(FlowGRPO):
 
     # ------------------------------------------------------------------------------------------ collect
     def rollout_plan(self, it: int) -> StepPlan:
-        """Deterministic samplers: no SDE step (so ``ode_solver`` runs the whole chain); SDE kernels: every step."""
-        n = self.cfg.sample.num_steps
-        on = sde.is_stochastic(self.cfg.sample.kernel, self.cfg.sample.noise_level)
-        mask = torch.full((n,), on, dtype=torch.bool)
+        """Deterministic samplers: no SDE step (so ``ode_solver`` runs the whole chain); SDE kernels: every step
+        (the same plan every iteration ``it``)."""
+        s = self.cfg.sample
+        mask = torch.full((s.num_steps,), sde.is_stochastic(s.kernel, s.noise_level), dtype=torch.bool)
         return StepPlan(sde=mask, train=mask.clone())
 
     @torch.no_grad()
     def collect(self, state: TrainState) -> Collected:
+        """The shared round sampled by the old policy; each kept row trains at ``K`` of the ``N`` sampling
+        timesteps, a random subset per row and inner epoch drawn from ``(seed, "nft_t", it, epoch, row)``."""
+        cfg, o, it, n_steps = self.cfg, self.opts, state.iteration, self.cfg.sample.num_steps
         decay = self.sync_old(state.global_step)
-        self._iteration = state.iteration
+        self._iteration = it
+        plan = self.rollout_plan(it)
         with self.old_policy():
-            col = super().collect(state)
-        st = self._store
-        st.latents = st.latents[:, -1:].contiguous()  # only the clean samples are trained on
-        k = max(1, int(self.cfg.sample.num_steps * self.fraction))
-        col.metrics.update({"old_decay": decay, "trained_steps": k, "sde_window_start": -1,
-                            "train_nfe_per_leaf": k * col.metrics["kept_frac"]})
-        return col
-
-    def _micro_batches(self, it: int, keep: Tensor, row0: int, n_local: int) -> tuple[list[Batch], int]:
-        """Kept rows shuffled with a shared seed and split into updates; each row trains at ``K`` of the ``N``
-        sampling timesteps, a random subset per row and inner epoch drawn from ``(seed, it, epoch, row)``."""
-        t, n = self.cfg.train, self.cfg.sample.num_steps
-        k = max(1, int(n * self.fraction))
-        kept = keep.nonzero().flatten()
-        if len(kept) == 0:
-            return [], 0
-        U = min(t.updates_per_iteration, len(kept))
-        mbs = self.cfg.train_batch_size
-        self._tidx = [torch.stack([torch.randperm(n, generator=generator(self.cfg.seed, "nft_t", it, e,
-                                                                         row0 + r))[:k] for r in range(n_local)])
-                      for e in range(t.num_inner_epochs)]
-        batches = []
-        for e in range(t.num_inner_epochs):
-            order = kept[torch.randperm(len(kept), generator=generator(self.cfg.seed, "shuffle", it, e))] \
-                if t.shuffle else kept
-            for u, part in enumerate(torch.tensor_split(order, U)):
-                weight = 1.0 / (len(part) * k)
-                mine = part[(part >= row0) & (part < row0 + n_local)] - row0
-                for i in range(0, len(mine), mbs):
-                    for j in range(k):
-                        batches.append(Batch({"rows": mine[i: i + mbs], "slot": j, "epoch": e, "row0": row0,
-                                              "weight": weight}, update=e * U + u))
-        return batches, t.num_inner_epochs * U
+            deal = self.round.deal(it)
+            sc = self.round.run(deal, flat_sampler(self.round, deal, plan, need_uncond=False,
+                                                   ode_solver=o.ode_solver, post_compress=o.post_compress))
+        adv, zero, keep = self.round.advantages(sc)
+        trajs, row0, n = sc.rollouts, deal.row0, deal.num_rows
+        parts, num_updates = split_updates(keep.nonzero().flatten(), cfg, it)
+        tidx = [torch.stack([torch.randperm(n_steps, generator=generator(cfg.seed, "nft_t", it, e, row0 + r))[:self.k]
+                             for r in range(n)]) for e in range(cfg.train.num_inner_epochs)] if parts else []
+        self._store = X0Store(latents=torch.cat([tr.latents[:, -1:] for tr in trajs]).contiguous(),
+                              cond=Cond.cat([tr.cond for tr in trajs]), adv=adv[row0: row0 + n].to(self.runtime.device),
+                              sigmas=trajs[0].sigmas, tidx=tidx)
+        batches = row_batches(parts, row0, n, cfg.train_batch_size, range(self.k),
+                              lambda rows, j, e: RowSlot(rows, j, e, row0))
+        metrics = {**flat_metrics(sc, cfg.sample.group_size, adv, zero, keep, plan), "trained_steps": self.k,
+                   "sde_window_start": -1, "train_nfe_per_leaf": self.k * float(keep.float().mean()),
+                   "old_decay": decay}
+        return Collected(batches=batches, num_updates=num_updates, metrics=metrics, timings=sc.timings(),
+                         num_samples=n, images=trajs[0].images)
 
     # ------------------------------------------------------------------------------------------ loss
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        st, tr, rt = self._store, self.cfg.train, self.runtime
-        rows, j, e = batch.data["rows"], batch.data["slot"], batch.data["epoch"]
+        st, tr, rt, b = self._store, self.cfg.train, self.runtime, batch.data
+        rows, j, e = b.rows, b.slot, b.epoch
         x0 = st.latents[rows, -1]
-        sigma = st.sigmas[self._tidx[e][rows, j]].to(x0.device)  # [B] one noise level per row
+        sigma = st.sigmas[st.tidx[e][rows, j]].to(x0.device)  # [B] one noise level per row
         noise = torch.stack([
             torch.randn(x0.shape[1:], generator=generator(self.cfg.seed, "nft_eps", self._iteration, e,
-                                                          batch.data["row0"] + int(r), j), dtype=torch.float32)
+                                                          b.row0 + int(r), j), dtype=torch.float32)
             for r in rows]).to(x0.device)
         s = sigma.view(-1, *([1] * (x0.ndim - 1)))
         x_t = ((1 - s) * x0.float() + s * noise).to(x0.dtype)
@@ -252,29 +270,30 @@ class DiffusionNFT(FlowGRPO):
             v_old = self.adapter.predict(x_t, sigma, cond, 1.0)
         with rt.autocast():
             v = self.adapter.predict(x_t, sigma, cond, 1.0)
-        r = optimality_weight(st.adv[rows], tr.adv_clip_max, self.adv_mode).to(v.device)
-        per_row, metrics = nft_loss(v.float(), v_old.float(), x_t.float(), x0.float(), sigma, r, self.beta)
+        r = optimality_weight(st.adv[rows], tr.adv_clip_max, self.opts.adv_mode).to(v.device)
+        per_row, metrics = nft_loss(v.float(), v_old.float(), x_t.float(), x0.float(), sigma, r, self.opts.nft_beta)
         per_row = per_row * tr.adv_clip_max
         metrics["policy_loss"] = per_row.detach().mean()
-        if tr.beta > 0:
+        if tr.beta > 0:  # NFT's KL: the velocity's squared distance to the reference (LoRA disabled)
             with torch.no_grad(), rt.reference(), rt.autocast():
                 v_ref = self.adapter.predict(x_t, sigma, cond, 1.0)
             kl = ((v.float() - v_ref.float()) ** 2).mean(tuple(range(1, v.ndim)))
             per_row = per_row + tr.beta * kl
             metrics["kl"] = kl.detach().mean()
-        return per_row.sum() * batch.data["weight"], metrics
+        return per_row.sum() * batch.weight, metrics
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Prompt sampler + the old policy (safetensors bytes, base64: the method state is JSON)."""
         blob = st_save({f"old.{i}": o.detach().cpu().contiguous() for i, o in enumerate(self.old)})
-        return {**super().state_dict(), "old": base64.b64encode(blob).decode("ascii"),
+        return {**self.round.state_dict(), "old": base64.b64encode(blob).decode("ascii"),
                 "synced_step": self._synced_step}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+        self.round.load_state_dict(state)
         tensors = st_load(base64.b64decode(state["old"]))
         with torch.no_grad():
             for i, o in enumerate(self.old):
                 o.copy_(tensors[f"old.{i}"])
         self._synced_step = int(state["synced_step"])
+
