@@ -48,27 +48,13 @@ def save_thumb(path: Path, img_u8: Tensor, size: int = THUMB_SIZE) -> None:
 
 
 def save_video(path: Path, frames_u8: Tensor, fps: int = 8) -> None:
-    """``T,C,H,W`` uint8 -> H.264 mp4 (yuv420p, faststart) with PyAV; odd sizes are padded by edge pixels
-    because 4:2:0 chroma needs even dimensions."""
-    import av
+    """``T,C,H,W`` uint8 -> H.264 mp4 (yuv420p, faststart), written atomically; odd sizes are padded by edge pixels
+    because 4:2:0 chroma needs even dimensions. One encoder for the project: ``flowalign.pairs.save_media``."""
+    from flowalign.pairs import save_media
 
-    arr = frames_u8.permute(0, 2, 3, 1).numpy()
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    pad_h, pad_w = arr.shape[1] % 2, arr.shape[2] % 2
-    if pad_h or pad_w:
-        arr = np.pad(arr, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    tmp = path.with_name(path.name + ".tmp.mp4")
-    with av.open(str(tmp), mode="w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
-        stream.options = {"crf": "18", "preset": "medium"}
-        for frame in arr:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    os.replace(tmp, path)
+    if frames_u8.ndim != 4:
+        raise ValueError(f"save_video needs T,C,H,W frames, got shape {tuple(frames_u8.shape)}")
+    save_media(path, frames_u8, fps)
 
 
 def load_png(path: Path) -> Tensor:

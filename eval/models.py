@@ -35,8 +35,8 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_
 
 def load_adapter(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
                  **kwargs) -> Adapter:
-    """The base adapter of ``"ADAPTER:PATH"`` or of a diffusers folder (matched on ``model_index.json``), loaded
-    through the core's ``flowalign.adapter.load_adapter``.
+    """The base adapter of ``"ADAPTER:PATH"`` or of a diffusers folder (matched on ``model_index.json``): the class
+    comes from the core's registry (``get_adapter`` / ``adapter_for_pipeline``), loaded with its ``from_pretrained``.
 
     ``kwargs`` (``--model-arg``) go to the adapter's constructor when it takes them (``height``, ``width``,
     ``num_frames`` of the Wan adapter), the rest to ``from_pretrained`` (the trainer's ``model.kwargs``)."""

@@ -77,7 +77,8 @@ def test_reward_fn_without_weights_no_longer_fails(tmp_path):
 
 
 def test_prompt_inputs_every_form(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a core dependency (pyproject)
+
     (tmp_path / "p.txt").write_text("# comment\na red circle\n\na blue square\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle", "tag": "x"}\n"a blue square"\n')
     (tmp_path / "p.csv").write_text("prompt,tag,count\na red circle,x,1\n\"a blue square, big\",y,2\n")

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 
 from flowalign.config import ConfigError, load_config
+from tests.deps import require_module
 from tests.test_trainer import PROMPTS, tiny_cfg
 
-pytest.importorskip("tensorboard")
+# a dev extra: skips locally without it, fails in CI (tests/deps.py)
+require_module("tensorboard", "pip install -e '.[dev]' (or flowalign[tensorboard])", module_level=True)
 
 
 def _events(path):
@@ -118,7 +120,7 @@ def _wandb_records(path):
 
 
 def test_wandb_offline_run_holds_captioned_images(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    require_module("wandb", "pip install -e '.[dev]' (or flowalign[wandb])")
     from flowalign.trainer import Trainer
 
     monkeypatch.setenv("WANDB_MODE", "offline")

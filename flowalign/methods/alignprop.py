@@ -19,9 +19,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from flowalign.adapter import Adapter, Cond
+from flowalign.config import Config, help_field
+from flowalign.data import RewardFn
 from flowalign import diff_sampling as ds
-from flowalign.adapter import Cond
-from flowalign.config import help_field
 from flowalign.methods.backprop import BackpropOptions, RewardBackprop, Tail, check_backprop_config
 from flowalign.methods.base import METHODS, Method, Runtime, option_error
 from flowalign.methods.options import compose_options
@@ -82,7 +83,7 @@ class AlignProp(Method):
     name = "alignprop"
     Options = compose_options("AlignPropOptions", BackpropOptions, Truncation)
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         opts = self.options(cfg)
         self.trunc = opts.part(Truncation)

@@ -42,11 +42,11 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
+from flowalign.adapter import Adapter, Cond
+from flowalign.config import Config, ConfigError, help_field
+from flowalign.data import load_prompts, RewardFn
 from flowalign import diff_sampling as ds
 from flowalign import sde
-from flowalign.adapter import Cond
-from flowalign.config import ConfigError, help_field
-from flowalign.data import load_prompts
 from flowalign.methods.base import Batch, Collected, PromptSampler, Runtime, TrainState, generator, option_error
 
 
@@ -149,8 +149,8 @@ class RewardBackprop:
     """The engine of the reward-backprop methods (module docstring): ``collect``/``loss`` around a method's
     ``forward``. A method builds one in its ``__init__`` and delegates ``collect``, ``loss`` and the state to it."""
 
-    def __init__(self, name: str, cfg, adapter, reward_fn, runtime: Runtime, opts: BackpropOptions,
-                 forward: Forward) -> None:
+    def __init__(self, name: str, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime,
+                 opts: BackpropOptions, forward: Forward) -> None:
         s = cfg.sample
         self.name, self.cfg, self.adapter, self.reward_fn, self.runtime = name, cfg, adapter, reward_fn, runtime
         self.opts, self.forward = opts, forward

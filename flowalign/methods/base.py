@@ -30,7 +30,9 @@ from typing import Any, Callable, ClassVar, ContextManager
 import torch
 from torch import Tensor
 
-from flowalign.config import ConfigError, describe, from_dict
+from flowalign.adapter import Adapter
+from flowalign.config import Config, ConfigError, describe, from_dict
+from flowalign.data import RewardFn
 from flowalign.registry import Registry
 
 #: where a method's options live in the run config
@@ -133,7 +135,7 @@ class Method:
     #: ``collect`` / ``loss`` when the component has them (a method that only supplies a forward, e.g. DRaFT)
     component: Any = None
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         self.cfg = cfg
         self.adapter = adapter
         self.reward_fn = reward_fn

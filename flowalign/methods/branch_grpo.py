@@ -31,10 +31,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from flowalign.adapter import Adapter, Cond
+from flowalign.config import Config, ConfigError, help_field
+from flowalign.data import RewardFn
 from flowalign import sde
 from flowalign import tree as T
-from flowalign.adapter import Cond
-from flowalign.config import ConfigError, help_field
 from flowalign.losses import POLICY_LOSSES
 from flowalign.methods.base import (METHODS, OPTIONS_KEY, Batch, Collected, Method, Runtime, TrainState, generator,
                                     option_error)
@@ -131,7 +132,7 @@ class BranchGRPO(Method):
     name = "branch_grpo"
     Options = BranchOptions
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         self.opts: BranchOptions = self.options(cfg)
         self.round = OnlineRound(cfg, adapter, reward_fn, self.runtime, chunks_what=(

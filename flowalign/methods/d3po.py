@@ -30,8 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flowalign.adapter import Adapter
+from flowalign.config import Config, help_field
+from flowalign.data import RewardFn
 from flowalign import pairs as pf
-from flowalign.config import help_field
 from flowalign.losses import dpo_loss
 from flowalign.methods.base import METHODS, Batch, Collected, Method, Runtime, TrainState, option_error
 from flowalign.methods.options import compose_options
@@ -67,7 +69,7 @@ class D3PO(Method):
     name = "d3po"
     Options = compose_options("D3POOptions", PairOptions, D3POLoss)
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         opts = self.options(cfg)
         self.pair_opts, self.loss_opts = opts.part(PairOptions), opts.part(D3POLoss)

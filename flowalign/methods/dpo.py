@@ -33,8 +33,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from flowalign.adapter import Cond
-from flowalign.config import ConfigError, help_field
+from flowalign.adapter import Adapter, Cond
+from flowalign.config import Config, ConfigError, help_field
+from flowalign.data import RewardFn
 from flowalign.losses import diffusion_dpo_loss
 from flowalign.methods.base import (
     METHODS,
@@ -93,7 +94,7 @@ class DPO(Method):
     offline: ClassVar[bool] = True  # trains from files: sample.prompts is not needed
     Options: ClassVar[type[DPOOptions]] = DPOOptions
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         self.opts = self.options(cfg)
         self.flow = adapter.prediction_type == "flow"

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from flowalign.adapter import Adapter, Cond
+from flowalign.config import Config, help_field
+from flowalign.data import RewardFn
 from flowalign import diff_sampling as ds
-from flowalign.adapter import Cond
-from flowalign.config import help_field
 from flowalign.methods.alignprop import Truncation, truncated_chain
 from flowalign.methods.backprop import BackpropOptions, RewardBackprop, Tail, check_backprop_config
 from flowalign.methods.base import METHODS, Method, Runtime, option_error
@@ -36,7 +37,7 @@ class DraftK(Method):
     Options = compose_options("DraftOptions", BackpropOptions, Truncation, truncation=help_field(
         "fixed", "DRaFT-K: fixed (the last k steps); none = full DRaFT; uniform/gaussian as AlignProp."))
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         opts = self.options(cfg)
         self.trunc = opts.part(Truncation)
@@ -72,7 +73,7 @@ class DraftLV(Method):
     name = "draft_lv"
     Options = compose_options("DraftLVOptions", BackpropOptions, LowVariance)
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         opts = self.options(cfg)
         self.lv = opts.part(LowVariance)

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowalign.adapter import Adapter
+from flowalign.config import Config, ConfigError, help_field
+from flowalign.data import RewardFn
 from flowalign import sde
-from flowalign.config import ConfigError, help_field
 from flowalign.losses import POLICY_LOSSES, ratio_norm
 from flowalign.methods.base import (METHODS, OPTIONS_KEY, Batch, Collected, Method, Runtime, TrainState, generator,
                                     option_error)
@@ -89,7 +91,7 @@ class FlowGRPO(Method):
     name = "flow_grpo"
     Options = FlowGRPOOptions
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         self.opts: FlowGRPOOptions = self.options(cfg)
         self.round = OnlineRound(cfg, adapter, reward_fn, self.runtime)

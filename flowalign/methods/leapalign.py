@@ -43,8 +43,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowalign.adapter import Adapter
+from flowalign.config import Config, help_field
+from flowalign.data import RewardFn
 from flowalign import diff_sampling as ds
-from flowalign.config import help_field
 from flowalign.methods.backprop import BackpropOptions, RewardBackprop, Tail, check_backprop_config
 from flowalign.methods.base import METHODS, Method, Runtime, option_error
 from flowalign.methods.options import compose_options
@@ -131,7 +133,7 @@ class LeapAlign(Method):
     name = "leapalign"
     Options = compose_options("LeapAlignOptions", BackpropOptions, Leaps)
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         opts = self.options(cfg)
         self.leaps = opts.part(Leaps)

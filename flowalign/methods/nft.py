@@ -41,9 +41,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from flowalign.adapter import Adapter, Cond
+from flowalign.config import Config, ConfigError, help_field
+from flowalign.data import RewardFn
 from flowalign import sde
-from flowalign.adapter import Cond
-from flowalign.config import ConfigError, help_field
 from flowalign.methods.base import METHODS, Batch, Collected, Method, Runtime, TrainState, generator, option_error
 from flowalign.methods.online import OnlineRound, flat_metrics, flat_sampler, row_batches, split_updates
 from flowalign.schedules import StepPlan
@@ -163,7 +164,7 @@ class DiffusionNFT(Method):
     name = "nft"
     Options = NFTOptions
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         self.opts: NFTOptions = self.options(cfg)
         self.round = OnlineRound(cfg, adapter, reward_fn, self.runtime)

@@ -36,10 +36,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from flowalign.config import Config, load_prompts
+from flowalign.data import RewardFn
 from flowalign import sde
 from flowalign.adapter import Adapter, Cond
 from flowalign.advantages import ADVANTAGES, resolve_estimator, zero_std_groups
-from flowalign.config import load_prompts
 from flowalign.losses import gaussian_kl
 from flowalign.methods.base import Batch, PromptSampler, Runtime, generator
 from flowalign.rollout import Trajectory, sample
@@ -114,7 +115,8 @@ class OnlineRound:
     ``chunks_what`` names the chunks in the process-count error (e.g. trees instead of rows).
     """
 
-    def __init__(self, cfg, adapter: Adapter, reward_fn, runtime: Runtime, chunks_what: str | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime,
+                 chunks_what: str | None = None) -> None:
         s, a = cfg.sample, cfg.train.advantage
         self.cfg, self.adapter, self.reward_fn, self.runtime = cfg, adapter, reward_fn, runtime
         self.prompts, self.metadata = load_prompts(s.prompts)

@@ -32,9 +32,10 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
+from flowalign.adapter import Adapter, Cond
+from flowalign.config import Config, ConfigError, help_field
+from flowalign.data import RewardFn
 from flowalign import sde
-from flowalign.adapter import Cond
-from flowalign.config import ConfigError, help_field
 from flowalign.losses import clipped_log_ratio
 from flowalign.methods.base import Batch, Collected, Runtime, TrainState, generator, option_error
 from flowalign.methods.online import OnlineRound, flat_sampler, reward_metrics, split_updates
@@ -168,8 +169,8 @@ class PairStep:
 class PairRound:
     """Collects a round of online pairs on the shared ``OnlineRound`` and serves their step log-probs."""
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime, opts: PairOptions, label: Label,
-                 keep_images: bool = False) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime, opts: PairOptions,
+                 label: Label, keep_images: bool = False) -> None:
         s = cfg.sample
         self.cfg, self.adapter, self.runtime = cfg, adapter, runtime
         self.opts, self.label, self.keep_images = opts, label, keep_images

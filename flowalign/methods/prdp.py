@@ -27,8 +27,10 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from flowalign.adapter import Adapter
+from flowalign.config import Config, help_field
+from flowalign.data import RewardFn
 from flowalign import sde
-from flowalign.config import help_field
 from flowalign.losses import reward_difference_loss
 from flowalign.methods.base import METHODS, Batch, Collected, Method, Runtime, TrainState, option_error
 from flowalign.methods.online import reference_kl
@@ -68,7 +70,7 @@ class PRDP(Method):
     name = "prdp"
     Options = compose_options("PRDPOptions", PairOptions, PRDPLoss)
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         opts = self.options(cfg)
         self.loss_opts = opts.part(PRDPLoss)

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from flowalign.adapter import Adapter
+from flowalign.config import Config, help_field
+from flowalign.data import RewardFn
 from flowalign import diff_sampling as ds
 from flowalign import sde
-from flowalign.config import help_field
 from flowalign.methods.backprop import BackpropOptions, RewardBackprop, Tail, check_backprop_config
 from flowalign.methods.base import METHODS, Method, Runtime, option_error
 from flowalign.methods.options import compose_options
@@ -56,7 +58,7 @@ class ReFL(Method):
     name = "refl"
     Options = compose_options("ReFLOptions", BackpropOptions, ReFLStep)
 
-    def __init__(self, cfg, adapter, reward_fn, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
         opts = self.options(cfg)
         self.step = opts.part(ReFLStep)
