@@ -23,7 +23,7 @@ from flowalign.adapter import Adapter, Cond
 from flowalign.config import Config, help_field
 from flowalign.data import RewardFn
 from flowalign import diff_sampling as ds
-from flowalign.methods.backprop import BackpropOptions, RewardBackprop, Tail, check_backprop_config
+from flowalign.methods.backprop import BackpropOptions, RewardBackprop, Tail, attach_engine, check_backprop_config
 from flowalign.methods.base import METHODS, Method, Runtime, option_error
 from flowalign.methods.options import compose_options
 
@@ -85,11 +85,7 @@ class AlignProp(Method):
 
     def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
-        opts = self.options(cfg)
-        self.trunc = opts.part(Truncation)
-        self.engine = RewardBackprop(self.name, cfg, adapter, reward_fn, self.runtime, opts.part(BackpropOptions),
-                                     self.forward)
-        self.component = self.engine
+        self.trunc = attach_engine(self, cfg, adapter, reward_fn).part(Truncation)
 
     @classmethod
     def check_config(cls, cfg) -> None:

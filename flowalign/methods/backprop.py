@@ -42,11 +42,11 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from flowalign.adapter import Adapter, Cond
-from flowalign.config import Config, ConfigError, help_field
-from flowalign.data import load_prompts, RewardFn
 from flowalign import diff_sampling as ds
 from flowalign import sde
+from flowalign.adapter import Adapter, Cond
+from flowalign.config import Config, ConfigError, help_field
+from flowalign.data import RewardFn, load_prompts
 from flowalign.methods.base import Batch, Collected, PromptSampler, Runtime, TrainState, generator, option_error
 
 
@@ -70,6 +70,16 @@ class BackpropOptions:
         """Range checks that need the config (``ConfigError`` naming the key)."""
         if not math.isfinite(self.loss_scale) or self.loss_scale <= 0:
             raise option_error("loss_scale", f"must be a finite number > 0, got {self.loss_scale}")
+
+
+def attach_engine(method: Any, cfg: Config, adapter: Adapter, reward_fn: RewardFn) -> Any:
+    """Parse ``method``'s options, build its ``RewardBackprop`` (driven by ``method.forward``) as
+    ``method.engine``, which is also its ``component`` (collect, loss and state delegate to it); returns the
+    parsed options so the method can take its own part (``opts.part(...)``)."""
+    opts = method.options(cfg)
+    method.engine = method.component = RewardBackprop(method.name, cfg, adapter, reward_fn, method.runtime,
+                                                      opts.part(BackpropOptions), method.forward)
+    return opts
 
 
 def check_backprop_config(name: str, cfg, deterministic_only: bool) -> None:

@@ -24,7 +24,7 @@ from flowalign.config import Config, help_field
 from flowalign.data import RewardFn
 from flowalign import diff_sampling as ds
 from flowalign.methods.alignprop import Truncation, truncated_chain
-from flowalign.methods.backprop import BackpropOptions, RewardBackprop, Tail, check_backprop_config
+from flowalign.methods.backprop import BackpropOptions, Tail, attach_engine, check_backprop_config
 from flowalign.methods.base import METHODS, Method, Runtime, option_error
 from flowalign.methods.options import compose_options
 
@@ -39,11 +39,7 @@ class DraftK(Method):
 
     def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
-        opts = self.options(cfg)
-        self.trunc = opts.part(Truncation)
-        self.engine = RewardBackprop(self.name, cfg, adapter, reward_fn, self.runtime, opts.part(BackpropOptions),
-                                     self.forward)
-        self.component = self.engine
+        self.trunc = attach_engine(self, cfg, adapter, reward_fn).part(Truncation)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -75,11 +71,7 @@ class DraftLV(Method):
 
     def __init__(self, cfg: Config, adapter: Adapter, reward_fn: RewardFn, runtime: Runtime | None = None) -> None:
         super().__init__(cfg, adapter, reward_fn, runtime)
-        opts = self.options(cfg)
-        self.lv = opts.part(LowVariance)
-        self.engine = RewardBackprop(self.name, cfg, adapter, reward_fn, self.runtime, opts.part(BackpropOptions),
-                                     self.forward)
-        self.component = self.engine
+        self.lv = attach_engine(self, cfg, adapter, reward_fn).part(LowVariance)
 
     @classmethod
     def check_config(cls, cfg) -> None:
