@@ -163,7 +163,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from flowalign.llm.trainer import main as llm_main
 
         return llm_main([args.recipe, *args.overrides, *(["--resume", args.resume] if args.resume else []),
-                         *(["--dry-run"] if args.dry_run else [])])
+                         *(["--dry-run"] if args.dry_run else []), *(["--overwrite"] if args.overwrite else []),
+                         *(["--allow-config-change", *args.allow_config_change] if args.allow_config_change else [])])
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"resume={args.resume}")

@@ -118,12 +118,14 @@ def config_changes(old: dict, new: dict, defaults: dict | None = None) -> list[t
 
 
 def resume_changes(old: dict, new: dict, allow: Sequence[str] = (), where: str = "the checkpoint",
-                   defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+                   defaults: dict | None = None, always_allowed: Sequence[str] = ALWAYS_ALLOWED,
+                   structural_keys: Sequence[str] = STRUCTURAL) -> list[tuple[str, Any, Any]]:
     """The config changes of a resume that are allowed (to apply and log); raises ``ResumeConfigError`` listing
-    every refused key with its old and new value."""
+    every refused key with its old and new value. ``always_allowed`` / ``structural_keys``: the key lists of the
+    trainer's config schema (default: the image config's; the LLM trainer passes its own)."""
     changes = config_changes(old, new, defaults)
-    structural = [c for c in changes if _covered(c[0], STRUCTURAL)]
-    refused = [c for c in changes if not _covered(c[0], ALWAYS_ALLOWED) and not _covered(c[0], allow)
+    structural = [c for c in changes if _covered(c[0], structural_keys)]
+    refused = [c for c in changes if not _covered(c[0], always_allowed) and not _covered(c[0], allow)
                and c not in structural]
     if structural or refused:
         lines = [f"  {k}: {a!r} -> {b!r}" for k, a, b in structural + refused]

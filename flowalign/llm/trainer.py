@@ -52,7 +52,7 @@ from torch import Tensor
 
 from flowalign import trackers
 from flowalign.advantages import median_pivots, zero_std_groups
-from flowalign.llm import checkpointing
+from flowalign.llm import checkpointing, run_guards
 from flowalign.llm.advantages import step_advantages
 from flowalign.llm.config import LLMConfig
 from flowalign.llm.losses import kl_estimate, policy_loss
@@ -196,7 +196,9 @@ class LLMTrainer:
         meta = [{"num_tokens": int(n), "truncated": bool(t)} for n, t in zip(ro.lengths, ro.truncated)]
         cols = [rw(completions=ro.completions, prompts=ro.prompts, metadata=meta, answers=answers).float().cpu()
                 for rw in self.rewards]
-        return torch.stack(cols, 1)
+        R = torch.stack(cols, 1)
+        run_guards.check_rewards(R, self.reward_names, self.step + 1)  # NaN/inf: stop, naming the component
+        return R
 
     def _collect(self) -> tuple[Rollout, Tensor, dict]:
         """Rollouts and rewards of one step, with DAPO dynamic sampling when enabled."""
@@ -412,6 +414,9 @@ class LLMTrainer:
                 for p in self.model.parameters():  # all groups skipped: zero grads keep AdamW's step identical
                     if p.requires_grad and p.grad is None:
                         p.grad = torch.zeros_like(p)
+                # gradients are all-reduced, so every process stops together on them; a local NaN loss only with P=1
+                run_guards.check_update(self.step + 1, total if P == 1 else 0.0,
+                                        [(n, p.grad) for n, p in self.policy.named_parameters()])
                 gn = self.acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm) \
                     if cfg.train.max_grad_norm else torch.tensor(float("nan"))
                 self.opt.step()
@@ -522,8 +527,10 @@ class LLMTrainer:
         """Write ``checkpoint-<step>`` crash-safely (``flowalign.llm.checkpointing``); every process calls it."""
         return checkpointing.save(self)
 
-    def resume(self, path: str | Path) -> None:
+    def resume(self, path: str | Path, allow_config_change: tuple[str, ...] | list[str] = ()) -> None:
         """Restore a checkpoint written by ``save`` (or ``"latest"``); the run then continues bit-for-bit (CPU).
+        A config differing from the checkpoint's is refused (``run_guards.resume_changes``) unless its keys are in
+        ``allow_config_change`` (or cadence/output keys); allowed changes are applied and logged.
         ``"latest"`` with no checkpoint yet (a run killed before its first save) starts afresh: the log rows of
         the killed run are dropped so none is written twice."""
         found = checkpointing.resolve(str(path), self)
@@ -535,9 +542,11 @@ class LLMTrainer:
             print(f"warning: --resume {path}: no checkpoint under {checkpointing.checkpoint_root(self)}; "
                   "starting afresh", file=sys.stderr)
             if self.acc.is_main_process:
-                ckpt.truncate_log(self.out / "metrics.jsonl", 0, key="step")
+                ckpt.truncate_log(self.out / "metrics.jsonl", -1, key="step")  # its step-0 eval row too
             return
+        changes = run_guards.resume_changes(self.cfg, found, allow_config_change)
         checkpointing.load(self, found)
+        run_guards.apply_changes(self, changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     ap.add_argument("--resume", default=None, help="checkpoint directory, or 'latest' in the run's checkpoints")
     ap.add_argument("--dry-run", action="store_true", help="validate the config, print it, exit")
-    args = ap.parse_args(argv)
+    ap.add_argument("--overwrite", action="store_true", help="move a previous run in output_dir aside")
+    ap.add_argument("--allow-config-change", nargs="+", default=[], metavar="KEY", help="keys --resume may change")
+    args = ap.parse_intermixed_args(argv)
     try:
         cfg = load(args.recipe, args.overrides)
     except ValueError as e:
@@ -560,14 +571,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    tr = LLMTrainer(cfg)
-    if args.resume:
-        try:
-            tr.resume(args.resume)
-        except FileNotFoundError as e:
-            print(f"--resume: {e}", file=sys.stderr)
-            return 2
-    tr.train(max(0, cfg.train.steps - tr.step))
+    from flowalign.checkpoint import CheckpointError
+    from flowalign.guards import NonFiniteError, ResumeConfigError, RunDirError
+
+    try:  # refused before training (exit 2): a used output_dir, a changed config, an unreadable checkpoint
+        if not args.resume:
+            run_guards.prepare_output_dir(cfg, args.overwrite)
+        tr = LLMTrainer(cfg)
+        if args.resume:
+            tr.resume(args.resume, args.allow_config_change)
+    except (FileNotFoundError, RunDirError, ResumeConfigError, CheckpointError) as e:
+        print(f"flowalign train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        tr.train(max(0, cfg.train.steps - tr.step))
+    except NonFiniteError as e:
+        print(f"flowalign train: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"final_eval": tr.evaluate()}))
     return 0
 
