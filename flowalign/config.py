@@ -510,13 +510,7 @@ def _validate(cfg: Config) -> None:
     if name == "gdpo" and len(cfg.reward.weights) < 2:
         raise ConfigError("train.advantage.per_reward (GDPO) needs at least two rewards in reward.weights")
 
-    # rewards
-    if not cfg.reward.weights:
-        raise ConfigError("reward.weights is empty: name at least one reward, e.g. reward.weights={pickscore: 1.0}")
-    extra = set(cfg.reward.kwargs) - set(cfg.reward.weights)
-    if extra:
-        raise ConfigError(f"reward.kwargs names {sorted(extra)} that are not in reward.weights "
-                          f"({sorted(cfg.reward.weights)})")
+    check_reward_section(cfg.reward, example="pickscore: 1.0")
     _check_rewards(cfg)
 
     _check_adapter(cfg.model.adapter)
@@ -526,6 +520,16 @@ def _validate(cfg: Config) -> None:
 
     _registered(METHODS, t.method, "train.method")
     METHODS.get(t.method).check_config(cfg)
+
+
+def check_reward_section(reward: Any, example: str) -> None:
+    """The ``reward`` section both trainers share: at least one weighted reward, and ``kwargs`` only for those."""
+    if not reward.weights:
+        raise ConfigError(f"reward.weights is empty: name at least one reward, e.g. reward.weights={{{example}}}")
+    extra = set(reward.kwargs) - set(reward.weights)
+    if extra:
+        raise ConfigError(f"reward.kwargs names {sorted(extra)} that are not in reward.weights "
+                          f"({sorted(reward.weights)})")
 
 
 def _offline_method(name: str) -> bool:

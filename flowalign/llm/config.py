@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flowalign.config import ConfigError, describe as describe_section, from_dict as build, help_field
-from flowalign.config import parse_overrides, set_dotted
+from flowalign.config import check_reward_section, parse_overrides, set_dotted
 
 
 @dataclass
@@ -282,12 +282,7 @@ def validate(cfg: LLMConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {cfg.train.betas}")
-    if not cfg.reward.weights:
-        raise ConfigError("reward.weights is empty: name at least one reward, e.g. reward.weights={arith_answer: 1}")
-    extra = set(cfg.reward.kwargs) - set(cfg.reward.weights)
-    if extra:
-        raise ConfigError(f"reward.kwargs names {sorted(extra)} that are not in reward.weights "
-                          f"({sorted(cfg.reward.weights)})")
+    check_reward_section(cfg.reward, example="arith_answer: 1")
     if a.advantage == "gdpo" and len(cfg.reward.weights) < 2:
         raise ConfigError("algo.advantage='gdpo' needs at least two rewards in reward.weights")
     if a.median_pivot and a.advantage != "median":

@@ -131,7 +131,7 @@ class Method:
     name: ClassVar[str] = "method"
     Options: ClassVar[type] = NoOptions
     #: the shared piece this method composes (``OnlineRound``, ``PairRound``, the reward-backprop engine): unless
-    #: the method overrides them, ``state_dict`` / ``load_state_dict`` / ``close`` delegate to it, and so do
+    #: the method overrides them, ``check_world`` / ``state_dict`` / ``load_state_dict`` / ``close`` delegate to it, and so do
     #: ``collect`` / ``loss`` when the component has them (a method that only supplies a forward, e.g. DRaFT)
     component: Any = None
 
@@ -161,7 +161,9 @@ class Method:
         cls.options(cfg)
 
     def check_world(self, world_size: int) -> None:
-        """Checks that need the process count (called when the trainer starts)."""
+        """Checks that need the process count (called when the trainer starts); the component's, if it has any."""
+        if hasattr(self.component, "check_world"):
+            self.component.check_world(world_size)
 
     def collect(self, state: TrainState) -> Collected:
         if not hasattr(self.component, "collect"):

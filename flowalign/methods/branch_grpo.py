@@ -155,8 +155,6 @@ class BranchGRPO(Method):
                               f"sample.noise_level={s.noise_level} cannot split")
         super().check_config(cfg)
 
-    def check_world(self, world_size: int) -> None:
-        self.round.check_world(world_size)
 
     def _sampler(self, deal: Deal, plan: StepPlan) -> SampleFn:
         """The round's sampling function: one ``sample_tree`` call per chunk of whole trees."""

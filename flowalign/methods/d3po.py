@@ -90,8 +90,6 @@ class D3PO(Method):
         super().check_config(cfg)
         check_pair_config(cls.name, cfg)
 
-    def check_world(self, world_size: int) -> None:
-        self.round.check_world(world_size)
 
     def collect(self, state: TrainState) -> Collected:
         self._store, collected = self.round.collect(state)

@@ -107,8 +107,6 @@ class FlowGRPO(Method):
         return make_plan(s.schedule, s.num_steps, generator=generator(self.cfg.seed, "plan", it), iteration=it,
                          **s.schedule_options)
 
-    def check_world(self, world_size: int) -> None:
-        self.round.check_world(world_size)
 
     @torch.no_grad()
     def collect(self, state: TrainState) -> Collected:

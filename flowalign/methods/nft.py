@@ -192,8 +192,6 @@ class DiffusionNFT(Method):
             raise ConfigError(f"nft trains a flow-matching (velocity) model; model.adapter={cfg.model.adapter!r} "
                               "predicts noise")
 
-    def check_world(self, world_size: int) -> None:
-        self.round.check_world(world_size)
 
     # ------------------------------------------------------------------------------------------ old policy
     @contextlib.contextmanager

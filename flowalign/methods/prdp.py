@@ -86,8 +86,6 @@ class PRDP(Method):
                                "it needs preference=reward")
         check_pair_config(cls.name, cfg)
 
-    def check_world(self, world_size: int) -> None:
-        self.round.check_world(world_size)
 
     def collect(self, state: TrainState) -> Collected:
         self._store, collected = self.round.collect(state)
